@@ -1,0 +1,149 @@
+"""The DeepVoxels model: a persistent feature grid, its update from an input view, and novel-view rendering."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from custom_layers import FeatureExtractor, IntegrationNet, OcclusionNet, RenderingNet, coordinate_volume
+from projection import lift_features, sample_frustum
+from pytorch_prototyping import Conv2dSame, Unet3d
+
+OCCNET_FEATURES = 4  # channels inside the occlusion net's 3D U-Net (original constant)
+INPAINTING_NUM_DOWN = 2  # levels of the 3D inpainting U-Net
+FRUSTUM_DEPTH_PER_VOXEL = 2  # depth planes per grid voxel: the view volume spans 2 * G planes
+
+
+class DeepVoxels(nn.Module):
+    """Persistent grid ``deepvoxels`` (1, C, G, G, G), axes (z, y, x), and the networks around it.
+
+    Args:
+        img_sidelength: S, side of input and rendered images (64 * 2^k, k >= 1).
+        lifting_img_dims, frustrum_img_dims: (H, W) of the lifted feature map and the view volume (64, 64).
+        grid_dims: (G, G, G).
+        num_grid_feats: C, features per voxel.
+        nf0: features in the outermost layer of the 2D U-Nets.
+        use_occlusion_net: occlusion net (True) or the 2D depth-collapse net (``--no_occlusion_net``).
+
+    The spelling ``frustrum`` survives only in this argument name, for callers written against the original.
+    """
+
+    def __init__(self, img_sidelength: int, lifting_img_dims: Sequence[int], frustrum_img_dims: Sequence[int],
+                 grid_dims: Sequence[int], num_grid_feats: int = 64, nf0: int = 64,
+                 use_occlusion_net: bool = True):
+        super().__init__()
+        self.use_occlusion_net = use_occlusion_net
+        self.grid_dims = list(grid_dims)
+        self.lifting_img_dims = list(lifting_img_dims)
+        self.frustum_img_dims = list(frustrum_img_dims)
+        self.frustum_depth = FRUSTUM_DEPTH_PER_VOXEL * grid_dims[-1]
+        self.nf0 = nf0
+        self.n_grid_feats = num_grid_feats
+
+        # Submodules are created in the original's order: same state_dict order, same seeded initialisation.
+        self.feature_extractor = FeatureExtractor(nf0=nf0, out_channels=num_grid_feats,
+                                                  input_resolution=img_sidelength,
+                                                  output_sidelength=self.frustum_img_dims[0])
+        self.rendering_net = RenderingNet(nf0=nf0, in_channels=num_grid_feats,
+                                          input_resolution=self.frustum_img_dims[0],
+                                          img_sidelength=img_sidelength)
+        if use_occlusion_net:
+            self.occlusion_net = OcclusionNet(nf0=num_grid_feats, occnet_nf=OCCNET_FEATURES,
+                                              frustum_dims=(self.frustum_img_dims[0], self.frustum_img_dims[1],
+                                                            self.frustum_depth))
+        else:
+            wide, narrow = nf0 * grid_dims[-1] // 2, nf0 * grid_dims[-1] // 8
+            self.depth_collapse_net = nn.Sequential(
+                Conv2dSame(num_grid_feats * self.frustum_depth, out_channels=wide, kernel_size=3, bias=False),
+                nn.BatchNorm2d(wide),
+                nn.ReLU(True),
+                Conv2dSame(wide, out_channels=narrow, kernel_size=3, bias=False),
+                nn.BatchNorm2d(narrow),
+                nn.ReLU(True),
+                Conv2dSame(narrow, out_channels=nf0, kernel_size=3, bias=False),
+                nn.BatchNorm2d(nf0),
+                nn.ReLU(True),
+            )
+        # Saved with the weights but not trained by the optimiser: it is overwritten by every integration.
+        self.register_buffer("deepvoxels", torch.zeros(1, num_grid_feats, *grid_dims))
+        self.integration_net = IntegrationNet(num_grid_feats, use_dropout=True, coord_conv=True,
+                                              per_feature=False, grid_dim=grid_dims[-1])
+        self.inpainting_net = Unet3d(in_channels=num_grid_feats + 3, out_channels=num_grid_feats,
+                                     num_down=INPAINTING_NUM_DOWN, nf0=num_grid_feats,
+                                     max_channels=4 * num_grid_feats)
+        self.register_buffer("coord_conv_volume", coordinate_volume(grid_dims[-1]), persistent=False)
+
+        # Set by the last training forward for the summaries (the loop draws them, never forward).
+        self.last_gates: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def integrate(self, input_img: torch.Tensor, lift_volume_idcs: torch.Tensor,
+                  lift_img_coords: torch.Tensor) -> torch.Tensor:
+        """Lift the input view's features and fuse them into ``deepvoxels``; returns the new grid (with grad).
+
+        The buffer is overwritten with the result, in train and eval mode alike, as the original did.
+        """
+        img_feats = self.feature_extractor(input_img)
+        lifted = lift_features(img_feats, lift_volume_idcs, lift_img_coords, self.grid_dims)
+        new_grid, update, reset = self.integration_net(lifted, self.deepvoxels.detach())
+        self.last_gates = (update.detach(), reset.detach())
+        with torch.no_grad():
+            self.deepvoxels.copy_(new_grid)
+        return new_grid
+
+    def inpaint(self, grid: torch.Tensor) -> torch.Tensor:
+        """3D U-Net over the grid with coordinate channels: (1, C, G, G, G) -> (1, C, G, G, G)."""
+        return self.inpainting_net(torch.cat([grid, self.coord_conv_volume.to(grid.dtype)], dim=1))
+
+    def render(self, inpainted: torch.Tensor, proj_frustum_idcs: Sequence[torch.Tensor],
+               proj_grid_coords: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Render views from an inpainted grid, all views in one batch.
+
+        Args:
+            inpainted: (1, C, G, G, G).
+            proj_frustum_idcs, proj_grid_coords: per view, from ``ProjectionHelper.projection_indices``.
+        Returns:
+            images (V, 3, S, S) in (-1/2, 1/2); depth (V, 1, H, W), the raw depth in [-1/2, 1/2)
+            (zeros without the occlusion net).
+
+        Batching views changes nothing in eval mode (BatchNorm uses running statistics). In train mode
+        BatchNorm statistics would mix views, so ``forward`` renders one view per call there.
+        """
+        dims = (self.frustum_depth, *self.frustum_img_dims)
+        frustum = torch.cat([sample_frustum(inpainted, idx, coords, dims)
+                             for idx, coords in zip(proj_frustum_idcs, proj_grid_coords)], dim=0)
+        views = frustum.shape[0]
+        if self.use_occlusion_net:
+            weights, depth = self.occlusion_net(frustum)
+            features = torch.mean(weights * frustum, dim=2)  # (V, C, H, W)
+        else:
+            features = self.depth_collapse_net(frustum.reshape(views, -1, *self.frustum_img_dims))
+            depth = frustum.new_zeros(views, 1, *self.frustum_img_dims)
+        return 0.5 * self.rendering_net(features), depth
+
+    def forward(self, input_img: Optional[torch.Tensor], proj_frustum_idcs_list: Sequence[torch.Tensor],
+                proj_grid_coords_list: Sequence[torch.Tensor], lift_volume_idcs: Optional[torch.Tensor] = None,
+                lift_img_coords: Optional[torch.Tensor] = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Update the grid from ``input_img`` (when given) and render the requested views.
+
+        Args:
+            input_img: (1, 3, S, S) in [-1/2, 1/2], or None to render from the stored grid (test mode).
+            proj_frustum_idcs_list, proj_grid_coords_list: per target view (``projection_indices``).
+            lift_volume_idcs, lift_img_coords: the input view's ``lifting_indices`` (with ``input_img``).
+        Returns:
+            (images, depths): lists with one (1, 3, S, S) image and one (1, 1, H, W) raw depth per view.
+        """
+        if input_img is not None:
+            grid = self.integrate(input_img, lift_volume_idcs, lift_img_coords)
+        else:
+            grid = self.deepvoxels
+        inpainted = self.inpaint(grid)
+        if not self.training:
+            images, depths = self.render(inpainted, proj_frustum_idcs_list, proj_grid_coords_list)
+            return list(images.split(1)), list(depths.split(1))
+        images, depths = [], []
+        for idx, coords in zip(proj_frustum_idcs_list, proj_grid_coords_list):
+            image, depth = self.render(inpainted, [idx], [coords])
+            images.append(image)
+            depths.append(depth)
+        return images, depths
