@@ -1,0 +1,677 @@
+"""Turn a COLMAP sparse reconstruction into a DeepVoxels object folder, grid placed automatically.
+
+Usage (either entry point takes the same flags):
+
+    python colmap_import.py --colmap_dir SPARSE --images DIR --out OUT [--resolution 512]
+    python data_util.py from_colmap --colmap_dir SPARSE --images DIR --out OUT
+    python colmap_import.py --run_colmap --images DIR --out OUT      # run COLMAP first
+
+OUT receives the layout the DeepVoxels loader reads:
+
+    OUT/rgb/%06d.png        square centre crops (the loader's crop), optionally area-resized
+    OUT/pose/%06d.txt       (4, 4) cam2world, OpenCV camera (+x right, +y down, +z forward) -> world
+    OUT/intrinsics.txt      f cx cy / origin / near_plane / scale / img_height img_width
+
+plus two files the loader ignores: `source_images.txt` (the COLMAP image name of each index) and
+`world_transform.txt` ((4, 4) similarity, COLMAP world -> dataset world).
+
+Conventions
+-----------
+* COLMAP stores world2cam as a unit quaternion (qw, qx, qy, qz) and a translation t. Its camera
+  axes already are OpenCV's, so cam2world = inverse([R | t]) with no axis flip.
+* Pixel coordinates: COLMAP puts the centre of the top-left pixel at (0.5, 0.5); data_util and the
+  projection code put it at (0, 0). The crop (a shift) and the resize (a product) are applied in
+  COLMAP's corner-origin coordinates, where both are exact, then cx and cy move by -0.5.
+  Writing at the training side length (--resolution) avoids any later rescale by the loader.
+* Only pinhole cameras (PINHOLE, SIMPLE_PINHOLE) can be written: DeepVoxels has one focal length
+  and no distortion. Distorted models are undistorted with `colmap image_undistorter` when a
+  `colmap` executable is on PATH and refused otherwise.
+
+Normalisation (the choice made here)
+------------------------------------
+The world is re-expressed so that the grid is centred at the origin with side 1:
+x_dataset = (x_colmap - origin) / scale. intrinsics.txt then holds origin 0 0 0 and scale 1,
+like every dataset the original shipped, so the model's defaults (and its --near_plane, which is
+in grid units) keep their meaning whatever unit COLMAP's arbitrary gauge happened to pick. The
+near plane written is measured in the same units. --origin and --scale override the automatic
+placement and are given in COLMAP world units (the units of points3D.txt); --near_plane is given
+in dataset units (grid side = 1), the units intrinsics.txt stores. `world_transform.txt` keeps the
+similarity so results can be mapped back onto the reconstruction.
+
+Grid placement
+--------------
+* points: the sparse points, without those seen by fewer than MIN_TRACK_LENGTH images. The
+  per-axis [trim, 1 - trim] quantiles give a core box that floaters and distant background cannot
+  move; the object's box is the full extent of the points within TAIL_WINDOW core sizes of it
+  (the quantiles alone cut off the object's thin tails, e.g. corners turned against the axes).
+* origin: the centre of the object's box. (A per-axis median is pulled towards the side with
+  the most texture; the box centre gives the object equal room on both sides.)
+* scale: the largest side of the object's box around the origin, times (1 + 2 * margin).
+* near_plane: the smallest depth, over every camera and every grid corner, at which a grid corner
+  lies, so the whole grid is in front of every camera's first frustum plane; clamped to at least
+  MIN_NEAR_PLANE when a camera sits inside or behind the grid.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import logging
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from typing import Optional, Sequence
+
+import numpy as np
+
+import data_util  # attributes are looked up at call time: data_util imports this module too
+
+log = logging.getLogger(__name__)
+
+# COLMAP camera models, model id -> (name, number of parameters); the binary files store only ids.
+COLMAP_CAMERA_MODELS = {
+    0: ("SIMPLE_PINHOLE", 3),
+    1: ("PINHOLE", 4),
+    2: ("SIMPLE_RADIAL", 4),
+    3: ("RADIAL", 5),
+    4: ("OPENCV", 8),
+    5: ("OPENCV_FISHEYE", 8),
+    6: ("FULL_OPENCV", 12),
+    7: ("FOV", 5),
+    8: ("SIMPLE_RADIAL_FISHEYE", 4),
+    9: ("RADIAL_FISHEYE", 5),
+    10: ("THIN_PRISM_FISHEYE", 12),
+}
+PINHOLE_MODELS = ("SIMPLE_PINHOLE", "PINHOLE")
+
+MODEL_FILES = ("cameras", "images", "points3D")
+
+# COLMAP's triangulated points need two views; shorter tracks are noise when they appear at all.
+MIN_TRACK_LENGTH = 2
+# Object points are looked for this far (in sizes of the quantile box) beyond the quantile box:
+# far enough for the tails the quantiles cut, short of background a few object sizes away.
+TAIL_WINDOW = 0.25
+# Fewer points than this cannot give meaningful quantiles.
+MIN_POINTS = 10
+# The model's frustum has 2 * G depth planes spaced scale / G: it spans two grid sides in depth.
+FRUSTUM_DEPTH_IN_GRID_SIDES = 2.0
+# Smallest near plane written (grid sides); a camera inside the grid would otherwise give <= 0.
+MIN_NEAR_PLANE = 0.05
+# COLMAP puts the centre of the top-left pixel at (0.5, 0.5); DeepVoxels (data_util) puts it at (0, 0).
+COLMAP_TO_CENTRE_PIXELS = 0.5
+# Cameras sharing an intrinsics.txt may differ by this fraction of the focal length (pixels).
+CAMERA_PARAM_TOLERANCE = 0.01
+INSTALL_HINT = ("install COLMAP (`apt-get install colmap`, or see https://colmap.github.io/install.html) "
+                "and make sure `colmap` is on PATH")
+
+
+@dataclasses.dataclass
+class Camera:
+    """A COLMAP camera: model name, image size in pixels, COLMAP parameter vector."""
+    camera_id: int
+    model: str
+    width: int
+    height: int
+    params: np.ndarray
+
+
+@dataclasses.dataclass
+class Image:
+    """A registered COLMAP image: world2cam = [R(qvec) | tvec], OpenCV camera axes."""
+    image_id: int
+    qvec: np.ndarray  # (4,) qw, qx, qy, qz
+    tvec: np.ndarray  # (3,)
+    camera_id: int
+    name: str
+
+
+@dataclasses.dataclass
+class SparseModel:
+    cameras: dict
+    images: dict
+    points: np.ndarray  # (N, 3) world positions
+    track_lengths: np.ndarray  # (N,) number of images that see each point
+    source: str  # model directory
+    files: dict  # "cameras" | "images" | "points3D" -> path, for messages
+
+
+def _error(path: str, message: str) -> Exception:
+    return data_util.DataError(f"{path}: {message}")
+
+
+# ----------------------------------------------------------------------------- reading COLMAP
+
+def find_model_dir(colmap_dir: str) -> tuple[str, str]:
+    """Return (directory, "txt" | "bin") of the sparse model in colmap_dir or its only subfolder."""
+    if not os.path.isdir(colmap_dir):
+        raise _error(colmap_dir, "COLMAP model folder not found")
+    # `colmap mapper` writes sparse/0, sparse/1, ...: accept the parent too.
+    candidates = [colmap_dir] + sorted(os.path.join(colmap_dir, d) for d in os.listdir(colmap_dir)
+                                       if os.path.isdir(os.path.join(colmap_dir, d)))
+    for directory in candidates:
+        for ext in ("txt", "bin"):
+            if any(os.path.isfile(os.path.join(directory, f"{name}.{ext}")) for name in MODEL_FILES):
+                return directory, ext
+    raise _error(colmap_dir, "no COLMAP model here: expected cameras.txt/images.txt/points3D.txt "
+                             "or cameras.bin/images.bin/points3D.bin")
+
+
+def read_model(colmap_dir: str) -> SparseModel:
+    """Read a COLMAP sparse model in text or binary form (auto-detected)."""
+    directory, ext = find_model_dir(colmap_dir)
+    paths = {name: os.path.join(directory, f"{name}.{ext}") for name in MODEL_FILES}
+    for path in paths.values():
+        if not os.path.isfile(path):
+            raise _error(path, "missing: a COLMAP model needs cameras, images and points3D files")
+    if ext == "txt":
+        cameras = _read_cameras_txt(paths["cameras"])
+        images = _read_images_txt(paths["images"])
+        points, tracks = _read_points_txt(paths["points3D"])
+    else:
+        cameras = _read_cameras_bin(paths["cameras"])
+        images = _read_images_bin(paths["images"])
+        points, tracks = _read_points_bin(paths["points3D"])
+    for image in images.values():
+        if image.camera_id not in cameras:
+            raise _error(paths["images"], f"image {image.name} uses camera {image.camera_id}, "
+                                          f"which {os.path.basename(paths['cameras'])} lacks")
+    if not images:
+        raise _error(paths["images"], "no registered images")
+    return SparseModel(cameras, images, points, tracks, directory, paths)
+
+
+def _text_lines(path: str) -> list[tuple[int, str]]:
+    """(line number, text) of every line but comments; empty lines kept (images.txt needs them)."""
+    with open(path, "r", encoding="utf-8") as f:
+        return [(i + 1, line.rstrip("\r\n")) for i, line in enumerate(f) if not line.startswith("#")]
+
+
+def _read_cameras_txt(path: str) -> dict:
+    cameras = {}
+    for number, line in _text_lines(path):
+        fields = line.split()
+        if not fields:
+            continue
+        try:  # CAMERA_ID MODEL WIDTH HEIGHT PARAMS...
+            camera = Camera(int(fields[0]), fields[1], int(fields[2]), int(fields[3]),
+                            np.array([float(v) for v in fields[4:]]))
+        except (ValueError, IndexError):
+            raise _error(path, f"line {number}: expected CAMERA_ID MODEL WIDTH HEIGHT PARAMS...") from None
+        cameras[camera.camera_id] = camera
+    return cameras
+
+
+def _read_images_txt(path: str) -> dict:
+    lines = _text_lines(path)
+    images = {}
+    i = 0
+    while i < len(lines):
+        number, header = lines[i]
+        if not header.strip():  # stray blank line between entries
+            i += 1
+            continue
+        # The next line lists the 2D observations; it may be empty but is always there.
+        i += 2
+        fields = header.split()
+        try:  # IMAGE_ID QW QX QY QZ TX TY TZ CAMERA_ID NAME
+            image = Image(int(fields[0]), np.array([float(v) for v in fields[1:5]]),
+                          np.array([float(v) for v in fields[5:8]]), int(fields[8]),
+                          " ".join(fields[9:]))
+        except (ValueError, IndexError):
+            raise _error(path, f"line {number}: expected IMAGE_ID QW QX QY QZ TX TY TZ CAMERA_ID NAME") from None
+        if not image.name:
+            raise _error(path, f"line {number}: image without a name")
+        images[image.image_id] = image
+    return images
+
+
+def _read_points_txt(path: str) -> tuple[np.ndarray, np.ndarray]:
+    points, tracks = [], []
+    for number, line in _text_lines(path):
+        fields = line.split()
+        if not fields:
+            continue
+        try:  # POINT3D_ID X Y Z R G B ERROR (IMAGE_ID POINT2D_IDX)...
+            points.append([float(v) for v in fields[1:4]])
+            if len(fields) < 8 or len(points[-1]) != 3:
+                raise ValueError
+        except ValueError:
+            raise _error(path, f"line {number}: expected POINT3D_ID X Y Z R G B ERROR TRACK...") from None
+        tracks.append((len(fields) - 8) // 2)
+    return np.array(points, dtype=np.float64).reshape(-1, 3), np.array(tracks, dtype=np.int64)
+
+
+class _BinaryReader:
+    """Sequential little-endian reads that name the file when it ends too early."""
+
+    def __init__(self, path: str):
+        self.path = path
+        with open(path, "rb") as f:
+            self.data = f.read()
+        self.offset = 0
+
+    def read(self, fmt: str) -> tuple:
+        size = struct.calcsize("<" + fmt)
+        if self.offset + size > len(self.data):
+            raise _error(self.path, f"truncated at byte {self.offset}")
+        values = struct.unpack_from("<" + fmt, self.data, self.offset)
+        self.offset += size
+        return values
+
+    def read_name(self) -> str:
+        end = self.data.find(b"\x00", self.offset)
+        if end < 0:
+            raise _error(self.path, f"truncated at byte {self.offset} (unterminated image name)")
+        name = self.data[self.offset:end].decode("utf-8")
+        self.offset = end + 1
+        return name
+
+    def skip(self, size: int) -> None:
+        if self.offset + size > len(self.data):
+            raise _error(self.path, f"truncated at byte {self.offset}")
+        self.offset += size
+
+
+def _read_cameras_bin(path: str) -> dict:
+    reader = _BinaryReader(path)
+    cameras = {}
+    (count,) = reader.read("Q")
+    for _ in range(count):
+        camera_id, model_id, width, height = reader.read("iiQQ")
+        if model_id not in COLMAP_CAMERA_MODELS:
+            raise _error(path, f"camera {camera_id} has unknown COLMAP model id {model_id}")
+        model, num_params = COLMAP_CAMERA_MODELS[model_id]
+        cameras[camera_id] = Camera(camera_id, model, width, height,
+                                    np.array(reader.read("d" * num_params)))
+    return cameras
+
+
+def _read_images_bin(path: str) -> dict:
+    reader = _BinaryReader(path)
+    images = {}
+    (count,) = reader.read("Q")
+    for _ in range(count):
+        values = reader.read("i7di")  # IMAGE_ID, qw qx qy qz, tx ty tz, CAMERA_ID
+        name = reader.read_name()
+        (num_points2d,) = reader.read("Q")
+        reader.skip(num_points2d * struct.calcsize("<ddq"))  # x, y, point3D_id each
+        images[values[0]] = Image(values[0], np.array(values[1:5]), np.array(values[5:8]),
+                                  values[8], name)
+    return images
+
+
+def _read_points_bin(path: str) -> tuple[np.ndarray, np.ndarray]:
+    reader = _BinaryReader(path)
+    (count,) = reader.read("Q")
+    points = np.empty((count, 3))
+    tracks = np.empty(count, dtype=np.int64)
+    for i in range(count):
+        values = reader.read("Q3d3Bd")  # POINT3D_ID, xyz, rgb, error
+        points[i] = values[1:4]
+        (tracks[i],) = reader.read("Q")
+        reader.skip(tracks[i] * struct.calcsize("<ii"))  # image_id, point2D_idx each
+    return points, tracks
+
+
+# ----------------------------------------------------------------------------- geometry
+
+def quaternion_to_rotation(qvec: np.ndarray) -> np.ndarray:
+    """(4,) quaternion qw, qx, qy, qz (any norm) -> (3, 3) rotation matrix."""
+    w, x, y, z = np.asarray(qvec, dtype=np.float64) / np.linalg.norm(qvec)
+    return np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+        [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+        [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
+    ])
+
+
+def image_cam2world(image: Image) -> np.ndarray:
+    """(4, 4) cam2world, OpenCV camera -> COLMAP world, from COLMAP's world2cam quaternion + t."""
+    rotation = quaternion_to_rotation(image.qvec)
+    cam2world = np.eye(4)
+    cam2world[:3, :3] = rotation.T
+    cam2world[:3, 3] = -rotation.T @ image.tvec
+    return cam2world
+
+
+def colmap_to_dataset(origin: np.ndarray, scale: float) -> np.ndarray:
+    """(4, 4) similarity COLMAP world -> dataset world: grid centre to 0, grid side to 1."""
+    transform = np.eye(4)
+    transform[:3, :3] /= scale
+    transform[:3, 3] = -np.asarray(origin, dtype=np.float64) / scale
+    return transform
+
+
+def move_camera(transform: np.ndarray, cam2world: np.ndarray) -> np.ndarray:
+    """Re-express a (4, 4) cam2world in the world a similarity maps to; the rotation stays orthonormal."""
+    moved = cam2world.copy()
+    moved[:3, 3] = transform[:3, :3] @ cam2world[:3, 3] + transform[:3, 3]
+    moved[:3, :3] = transform[:3, :3] @ cam2world[:3, :3] / np.cbrt(np.linalg.det(transform[:3, :3]))
+    return moved
+
+
+def robust_box(points: np.ndarray, track_lengths: Optional[np.ndarray], trim: float,
+               source: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """Bounding box (low (3,), high (3,)) of the object's sparse points, and how it was found.
+
+    Points seen by fewer than MIN_TRACK_LENGTH images go first. The per-axis [trim, 1 - trim]
+    quantiles give a core box that outliers cannot move; the quantiles also cut the object's own
+    thin tails (a corner of an object turned against the axes holds few points), so the box
+    returned is the full extent of the points within TAIL_WINDOW core sizes of the core box.
+    """
+    total = len(points)
+    if track_lengths is not None and len(track_lengths) == len(points):
+        points = points[track_lengths >= MIN_TRACK_LENGTH]
+    if len(points) < MIN_POINTS:
+        raise _error(source, f"only {len(points)} sparse points seen by >= {MIN_TRACK_LENGTH} images; "
+                             "cannot place the grid (give --origin and --scale)")
+    core_low = np.quantile(points, trim, axis=0)
+    core_high = np.quantile(points, 1.0 - trim, axis=0)
+    reach = TAIL_WINDOW * (core_high - core_low).max()
+    near_core = np.all((points >= core_low - reach) & (points <= core_high + reach), axis=1)
+    kept = points[near_core]
+    how = (f"{len(kept)} of {total} sparse points: tracks >= {MIN_TRACK_LENGTH}, within "
+           f"{TAIL_WINDOW:g} x its size of the per-axis {trim:g}..{1 - trim:g} quantile box")
+    return kept.min(axis=0), kept.max(axis=0), how
+
+
+def grid_side(low: np.ndarray, high: np.ndarray, origin: np.ndarray, margin: float) -> float:
+    """Side of the cube centred at origin that holds the box [low, high] plus a margin per side."""
+    half = np.max(np.maximum(high - origin, origin - low))
+    return float(2.0 * half * (1.0 + 2.0 * margin))
+
+
+def grid_corner_depths(cam2worlds: np.ndarray) -> np.ndarray:
+    """(N, 4, 4) cam2world in dataset units -> (N, 8) camera-space z of the unit grid's corners."""
+    corners = np.array(list(itertools.product((-0.5, 0.5), repeat=3)))  # (8, 3), grid side 1
+    world2cams = np.linalg.inv(cam2worlds)
+    cam_points = np.einsum("nij,kj->nki", world2cams[:, :3, :3], corners) + world2cams[:, None, :3, 3]
+    return cam_points[..., 2]
+
+
+def choose_near_plane(cam2worlds: np.ndarray) -> tuple[float, str]:
+    """Near plane (grid sides) that puts the unit grid in front of every camera, and why."""
+    depths = grid_corner_depths(cam2worlds)
+    closest = float(depths.min())
+    camera = int(np.unravel_index(depths.argmin(), depths.shape)[0])
+    if closest < MIN_NEAR_PLANE:
+        log.warning("camera %06d is inside or behind the grid (nearest grid corner at depth %.3f); "
+                    "near plane clamped to %.3f", camera, closest, MIN_NEAR_PLANE)
+        return MIN_NEAR_PLANE, f"clamped to {MIN_NEAR_PLANE} (camera {camera:06d} reaches into the grid)"
+    return closest, f"nearest grid corner over all cameras (camera {camera:06d})"
+
+
+# ----------------------------------------------------------------------------- images
+
+def crop_window(height: int, width: int) -> tuple[int, int, int]:
+    """(row0, col0, side) of the loader's centre crop: centre = shape // 2, half = min // 2."""
+    half = min(height, width) // 2
+    return height // 2 - half, width // 2 - half, 2 * half
+
+
+def to_square(img: np.ndarray, side: int) -> np.ndarray:
+    """HxW(x3) image -> (side, side, 3) of the same dtype: the loader's centre crop, area resize."""
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, None], 3, axis=2)
+    img = data_util.square_crop(img)
+    if img.shape[0] == side:
+        return img
+    top = np.iinfo(img.dtype).max
+    return np.clip(np.rint(data_util.resize_area(img, side)), 0, top).astype(img.dtype)
+
+
+def shared_pinhole(model: SparseModel, max_focal_mismatch: float) -> tuple[Camera, float, float, float]:
+    """The one pinhole camera every image uses -> (camera, f, cx, cy) in COLMAP pixels."""
+    used = sorted({image.camera_id for image in model.images.values()})
+    cameras_path = model.files["cameras"]
+    for camera_id in used:
+        camera = model.cameras[camera_id]
+        if camera.model not in PINHOLE_MODELS:
+            raise _error(cameras_path, f"camera {camera_id} is {camera.model}; DeepVoxels needs an "
+                         "undistorted PINHOLE or SIMPLE_PINHOLE model: run `colmap image_undistorter` "
+                         "first, or put `colmap` on PATH and rerun to undistort automatically")
+    params = []
+    for camera_id in used:
+        camera = model.cameras[camera_id]
+        if camera.model == "SIMPLE_PINHOLE":
+            f, cx, cy = camera.params
+            fx = fy = f
+        else:
+            fx, fy, cx, cy = camera.params
+        if abs(fx - fy) > max_focal_mismatch * 0.5 * (fx + fy):
+            raise _error(cameras_path, f"camera {camera_id} has fx={fx:g} and fy={fy:g}, more than "
+                         f"{100 * max_focal_mismatch:g}% apart; DeepVoxels has one focal length "
+                         "(raise --max_focal_mismatch to average them)")
+        params.append([0.5 * (fx + fy), cx, cy])
+    params = np.array(params)
+    reference = model.cameras[used[0]]
+    for camera_id, p in zip(used, params):
+        camera = model.cameras[camera_id]
+        if (camera.width, camera.height) != (reference.width, reference.height) or \
+                np.abs(p - params[0]).max() > CAMERA_PARAM_TOLERANCE * params[0, 0]:
+            raise _error(cameras_path, f"cameras {used[0]} and {camera_id} differ; one intrinsics.txt "
+                         "needs one camera (reconstruct with --ImageReader.single_camera 1)")
+    f, cx, cy = params.mean(axis=0)
+    return reference, float(f), float(cx), float(cy)
+
+
+# ----------------------------------------------------------------------------- running COLMAP
+
+def _run(colmap: str, step: str, *args: str) -> None:
+    command = [colmap, step, *args]
+    log.info("running: %s", " ".join(command))
+    result = subprocess.run(command)
+    if result.returncode != 0:
+        raise data_util.DataError(f"{colmap} {step} failed with exit code {result.returncode}")
+
+
+def _largest_model(sparse_dir: str) -> str:
+    """`colmap mapper` may split the scene: keep the sub-model with the most registered images."""
+    models = sorted(os.path.join(sparse_dir, d) for d in os.listdir(sparse_dir)) if os.path.isdir(sparse_dir) else []
+    models = [m for m in models if os.path.isdir(m)]
+    if not models:
+        raise _error(sparse_dir, "colmap mapper registered no images")
+    sizes = [len(read_model(m).images) for m in models]
+    if len(models) > 1:
+        log.info("colmap mapper made %d models with %s images; using %s", len(models), sizes,
+                 models[int(np.argmax(sizes))])
+    return models[int(np.argmax(sizes))]
+
+
+def undistort(colmap: str, model_dir: str, image_dir: str, work_dir: str) -> tuple[str, str]:
+    """Undistort into work_dir with COLMAP -> (text model dir, undistorted image dir)."""
+    out = os.path.join(work_dir, "undistorted")
+    _run(colmap, "image_undistorter", "--image_path", image_dir, "--input_path", model_dir,
+         "--output_path", out, "--output_type", "COLMAP")
+    sparse = os.path.join(out, "sparse")
+    _run(colmap, "model_converter", "--input_path", sparse, "--output_path", sparse,
+         "--output_type", "TXT")
+    return sparse, os.path.join(out, "images")
+
+
+def run_colmap(colmap: str, image_dir: str, work_dir: str) -> tuple[str, str]:
+    """Structure from motion on image_dir -> (undistorted text model dir, undistorted image dir)."""
+    os.makedirs(work_dir, exist_ok=True)
+    database = os.path.join(work_dir, "database.db")
+    sparse = os.path.join(work_dir, "sparse")
+    os.makedirs(sparse, exist_ok=True)
+    # One shared camera with one radial term: the undistorter then writes a PINHOLE with fx = fy.
+    _run(colmap, "feature_extractor", "--database_path", database, "--image_path", image_dir,
+         "--ImageReader.single_camera", "1", "--ImageReader.camera_model", "SIMPLE_RADIAL")
+    _run(colmap, "exhaustive_matcher", "--database_path", database)
+    _run(colmap, "mapper", "--database_path", database, "--image_path", image_dir,
+         "--output_path", sparse)
+    return undistort(colmap, _largest_model(sparse), image_dir, work_dir)
+
+
+# ----------------------------------------------------------------------------- conversion
+
+def convert(model: SparseModel, image_dir: str, out_dir: str, resolution: Optional[int] = None,
+            origin: Optional[Sequence[float]] = None, scale: Optional[float] = None,
+            near_plane: Optional[float] = None, margin: float = 0.1, trim: float = 0.05,
+            max_focal_mismatch: float = 0.01) -> dict:
+    """Write the DeepVoxels object folder out_dir from a COLMAP model; returns the chosen values.
+
+    origin, scale: grid centre and side in COLMAP world units (None: placed from the points).
+    near_plane: in dataset units, grid side = 1 (None: nearest grid corner over all cameras).
+    """
+    camera, f, cx, cy = shared_pinhole(model, max_focal_mismatch)
+    row0, col0, side = crop_window(camera.height, camera.width)
+    out_side = side if resolution is None else int(resolution)
+    if out_side > side:
+        raise data_util.DataError(f"--resolution {out_side} exceeds the {side} px square crop of "
+                                  f"{camera.height}x{camera.width} images; the loader resizes anyway")
+    images = sorted(model.images.values(), key=lambda image: image.name)
+    for image in images:
+        if not os.path.isfile(os.path.join(image_dir, image.name)):
+            raise _error(os.path.join(image_dir, image.name), "image listed in the COLMAP model is missing")
+    for sub in ("rgb", "pose"):
+        existing = os.path.join(out_dir, sub)
+        if os.path.isdir(existing) and os.listdir(existing):
+            raise _error(existing, "not empty; choose a fresh --out")
+
+    summary = {}
+    if origin is None or scale is None:
+        low, high, how_box = robust_box(model.points, model.track_lengths, trim, model.source)
+    if origin is None:
+        origin = 0.5 * (low + high)
+        summary["origin_how"] = f"centre of the object's box ({how_box})"
+    else:
+        summary["origin_how"] = "--origin"
+    origin = np.asarray(origin, dtype=np.float64)
+    if scale is None:
+        scale = grid_side(low, high, origin, margin)
+        summary["scale_how"] = f"largest side of the object's box x (1 + 2 x margin {margin:g})"
+    else:
+        summary["scale_how"] = "--scale"
+    if not scale > 0:
+        raise data_util.DataError(f"grid side {scale} must be positive (points collapse to a point?)")
+    transform = colmap_to_dataset(origin, scale)
+    cam2worlds = np.stack([move_camera(transform, image_cam2world(image)) for image in images])
+    auto_near, near_how = choose_near_plane(cam2worlds)
+    depths = grid_corner_depths(cam2worlds)
+    if near_plane is None:
+        near_plane = auto_near
+    else:
+        near_how = "--near_plane"
+        if near_plane > depths.min():
+            log.warning("--near_plane %.3f cuts into the grid (nearest corner at depth %.3f)",
+                        near_plane, depths.min())
+    far_end = near_plane + FRUSTUM_DEPTH_IN_GRID_SIDES
+    if depths.max() > far_end:
+        log.warning("for the farthest cameras the back of the grid (depth up to %.3f) lies beyond the last "
+                    "frustum plane (%.3f): cameras are at different distances; the back is mostly occluded",
+                    depths.max(), far_end)
+
+    os.makedirs(os.path.join(out_dir, "rgb"), exist_ok=True)
+    os.makedirs(os.path.join(out_dir, "pose"), exist_ok=True)
+    for index, (image, cam2world) in enumerate(zip(images, cam2worlds)):
+        path = os.path.join(image_dir, image.name)
+        img = data_util.read_image(path)
+        if img.shape[:2] != (camera.height, camera.width):
+            raise _error(path, f"is {img.shape[0]}x{img.shape[1]}, COLMAP says "
+                               f"{camera.height}x{camera.width}")
+        img = to_square(img, out_side)
+        data_util.write_png(os.path.join(out_dir, "rgb", f"{index:06d}.png"), img)
+        data_util.write_pose(os.path.join(out_dir, "pose", f"{index:06d}.txt"), cam2world)
+
+    # In COLMAP's corner-origin pixels the crop is a shift and the resize a product; the final
+    # shift moves to data_util's convention, where integer coordinates are pixel centres.
+    zoom = out_side / side
+    f_out = f * zoom
+    cx_out = (cx - col0) * zoom - COLMAP_TO_CENTRE_PIXELS
+    cy_out = (cy - row0) * zoom - COLMAP_TO_CENTRE_PIXELS
+    data_util.write_intrinsics(os.path.join(out_dir, "intrinsics.txt"), f_out, cx_out, cy_out,
+                               (0.0, 0.0, 0.0), near_plane, 1.0, out_side, out_side)
+    with open(os.path.join(out_dir, "source_images.txt"), "w", encoding="utf-8") as file:
+        file.writelines(f"{index:06d} {image.name}\n" for index, image in enumerate(images))
+    np.savetxt(os.path.join(out_dir, "world_transform.txt"), transform, fmt="%.17g")
+
+    centres = cam2worlds[:, :3, 3]
+    distances = np.linalg.norm(centres, axis=1)
+    summary.update(origin=origin, scale=float(scale), near_plane=float(near_plane), near_how=near_how,
+                   f=f_out, cx=cx_out, cy=cy_out, side=out_side, num_images=len(images))
+    log.info("wrote %d images (%dx%d from %dx%d) to %s", len(images), out_side, out_side,
+             camera.height, camera.width, out_dir)
+    log.info("grid centre  %s (COLMAP units): %s", np.array2string(origin, precision=4), summary["origin_how"])
+    log.info("grid side    %.4g (COLMAP units): %s", scale, summary["scale_how"])
+    log.info("world        rescaled so the grid is centred at 0 with side 1 (world_transform.txt)")
+    log.info("near plane   %.4f (grid sides): %s; frustum spans %.4f..%.4f", near_plane, near_how,
+             near_plane, far_end)
+    log.info("cameras      %.3f..%.3f grid sides from the grid centre (original datasets: about 1.5)",
+             distances.min(), distances.max())
+    log.info("intrinsics   f=%.3f cx=%.3f cy=%.3f for %dx%d", f_out, cx_out, cy_out, out_side, out_side)
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="colmap_import.py",
+        description="Turn a COLMAP sparse model (text or binary) into a DeepVoxels object folder.")
+    parser.add_argument("--colmap_dir", help="COLMAP sparse model folder (cameras/images/points3D .txt "
+                        "or .bin); not needed with --run_colmap")
+    parser.add_argument("--images", required=True, help="folder holding the images the model names")
+    parser.add_argument("--out", required=True, help="object folder to write (rgb/, pose/, intrinsics.txt)")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="side of the written square images in pixels (default: crop side, no resize)")
+    parser.add_argument("--origin", type=float, nargs=3, metavar=("X", "Y", "Z"), default=None,
+                        help="grid centre in COLMAP world units (default: centre of the robust object box)")
+    parser.add_argument("--scale", type=float, default=None,
+                        help="grid side in COLMAP world units (default: object box side x (1 + 2 margin))")
+    parser.add_argument("--near_plane", type=float, default=None,
+                        help="near plane in grid sides, as written to intrinsics.txt "
+                             "(default: nearest grid corner over all cameras)")
+    parser.add_argument("--margin", type=float, default=0.1,
+                        help="free space each side of the object, fraction of its extent")
+    parser.add_argument("--trim", type=float, default=0.05,
+                        help="fraction of sparse points dropped at each end of every axis")
+    parser.add_argument("--max_focal_mismatch", type=float, default=0.01,
+                        help="largest relative fx/fy difference averaged into one focal length")
+    parser.add_argument("--run_colmap", action="store_true",
+                        help="run COLMAP (features, matching, mapper, undistortion) on --images first; "
+                             "its work folder is OUT/colmap")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command line entry; returns the exit code (bad input: one `error: ...` line on stderr, 2)."""
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if not 0 <= args.trim < 0.5:
+            raise data_util.DataError(f"--trim {args.trim} must lie in [0, 0.5)")
+        if args.margin < 0:
+            raise data_util.DataError(f"--margin {args.margin} must not be negative")
+        if not os.path.isdir(args.images):
+            raise _error(args.images, "image folder not found")
+        colmap = shutil.which("colmap")
+        work_dir = os.path.join(args.out, "colmap")
+        model_dir, image_dir = args.colmap_dir, args.images
+        if args.run_colmap:
+            if colmap is None:
+                raise data_util.DataError(f"--run_colmap needs the `colmap` executable: {INSTALL_HINT}")
+            model_dir, image_dir = run_colmap(colmap, args.images, work_dir)
+        elif model_dir is None:
+            raise data_util.DataError("give --colmap_dir (a COLMAP sparse model) or --run_colmap")
+        model = read_model(model_dir)
+        distorted = sorted({model.cameras[i.camera_id].model for i in model.images.values()}
+                           - set(PINHOLE_MODELS))
+        if distorted and colmap is not None:
+            log.info("camera model %s has distortion; undistorting with %s", distorted[0], colmap)
+            model_dir, image_dir = undistort(colmap, model.source, image_dir, work_dir)
+            model = read_model(model_dir)
+        convert(model, image_dir, args.out, resolution=args.resolution, origin=args.origin,
+                scale=args.scale, near_plane=args.near_plane, margin=args.margin, trim=args.trim,
+                max_focal_mismatch=args.max_focal_mismatch)
+    except (data_util.DataError, OSError) as err:
+        message = " ".join(str(err).split())  # one line, whatever the cause
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,494 @@
+"""COLMAP import: a synthetic scene is written as a COLMAP model in a scaled, rotated, shifted
+world, converted, and the DeepVoxels dataset is checked against the ground truth."""
+import itertools
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import colmap_import  # noqa: E402
+import data_util  # noqa: E402
+
+OBJECT = "sphere_box"
+HEIGHT, WIDTH = 96, 128  # non-square: the crop removes 16 columns on each side
+FOCAL = 110.0
+CX, CY = 70.3, 45.1  # data_util pixels (integer = pixel centre); off-centre on purpose
+RESOLUTION = 64  # 96 -> 64: a non-integer area resize
+NUM_CAMERAS = 12
+CAMERA_RADIUS = 1.6
+WORLD_SCALE = 3.0  # COLMAP's gauge: ground-truth world scaled by this, rotated and shifted
+NUM_POINTS = 400
+NUM_FAR_OUTLIERS = 8  # 2% of the points, well tracked but far away: trimming must drop them
+NUM_LONELY = 6  # far away and seen once: the track filter must drop them
+MODEL_IDS = {name: i for i, (name, _) in colmap_import.COLMAP_CAMERA_MODELS.items()}
+
+
+def rotation_to_quaternion(rot):
+    """(3, 3) rotation -> (qw, qx, qy, qz), branching on the largest component for stability."""
+    m = rot
+    squares = 1.0 + np.array([np.trace(m), 2 * m[0, 0] - np.trace(m), 2 * m[1, 1] - np.trace(m),
+                              2 * m[2, 2] - np.trace(m)])  # 4 * (w^2, x^2, y^2, z^2)
+    k = int(np.argmax(squares))
+    big = 0.5 * np.sqrt(squares[k])
+    if k == 0:
+        q = [big, (m[2, 1] - m[1, 2]) / (4 * big), (m[0, 2] - m[2, 0]) / (4 * big), (m[1, 0] - m[0, 1]) / (4 * big)]
+    elif k == 1:
+        q = [(m[2, 1] - m[1, 2]) / (4 * big), big, (m[0, 1] + m[1, 0]) / (4 * big), (m[0, 2] + m[2, 0]) / (4 * big)]
+    elif k == 2:
+        q = [(m[0, 2] - m[2, 0]) / (4 * big), (m[0, 1] + m[1, 0]) / (4 * big), big, (m[1, 2] + m[2, 1]) / (4 * big)]
+    else:
+        q = [(m[1, 0] - m[0, 1]) / (4 * big), (m[0, 2] + m[2, 0]) / (4 * big), (m[1, 2] + m[2, 1]) / (4 * big), big]
+    return np.array(q)
+
+
+def random_rotation(rng):
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    return q if np.linalg.det(q) > 0 else -q
+
+
+# ----------------------------------------------------------------------------- model writers
+
+def write_text_model(directory, cameras, images, points):
+    """cameras: (id, model, w, h, params); images: (id, qvec, tvec, cam_id, name, [(x, y, pid)]);
+    points: (pid, xyz, rgb, error, [(image_id, point2d_idx)])."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "cameras.txt"), "w") as f:
+        f.write("# Camera list\n# CAMERA_ID, MODEL, WIDTH, HEIGHT, PARAMS[]\n")
+        for cam_id, model, w, h, params in cameras:
+            f.write(f"{cam_id} {model} {w} {h} " + " ".join(repr(float(p)) for p in params) + "\n")
+    with open(os.path.join(directory, "images.txt"), "w") as f:
+        f.write("# Image list with two lines of data per image\n")
+        for image_id, qvec, tvec, cam_id, name, obs in images:
+            f.write(" ".join([str(image_id)] + [repr(float(v)) for v in (*qvec, *tvec)] + [str(cam_id), name]) + "\n")
+            f.write(" ".join(f"{x!r} {y!r} {pid}" for x, y, pid in obs) + "\n")
+    with open(os.path.join(directory, "points3D.txt"), "w") as f:
+        f.write("# 3D point list\n")
+        for pid, xyz, rgb, error, track in points:
+            fields = [str(pid)] + [repr(float(v)) for v in xyz] + [str(int(c)) for c in rgb] + [repr(error)]
+            fields += [f"{i} {j}" for i, j in track]
+            f.write(" ".join(fields) + "\n")
+
+
+def write_binary_model(directory, cameras, images, points):
+    """The same model in COLMAP's little-endian binary layout."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "cameras.bin"), "wb") as f:
+        f.write(struct.pack("<Q", len(cameras)))
+        for cam_id, model, w, h, params in cameras:
+            f.write(struct.pack("<iiQQ", cam_id, MODEL_IDS[model], w, h))
+            f.write(struct.pack(f"<{len(params)}d", *params))
+    with open(os.path.join(directory, "images.bin"), "wb") as f:
+        f.write(struct.pack("<Q", len(images)))
+        for image_id, qvec, tvec, cam_id, name, obs in images:
+            f.write(struct.pack("<i7di", image_id, *qvec, *tvec, cam_id))
+            f.write(name.encode() + b"\x00")
+            f.write(struct.pack("<Q", len(obs)))
+            for x, y, pid in obs:
+                f.write(struct.pack("<ddq", x, y, pid))
+    with open(os.path.join(directory, "points3D.bin"), "wb") as f:
+        f.write(struct.pack("<Q", len(points)))
+        for pid, xyz, rgb, error, track in points:
+            f.write(struct.pack("<Q3d3Bd", pid, *xyz, *rgb, error))
+            f.write(struct.pack("<Q", len(track)))
+            for i, j in track:
+                f.write(struct.pack("<ii", i, j))
+
+
+# ----------------------------------------------------------------------------- the scene
+
+class Scene:
+    """Ground truth (world of data_util's renderer) and its COLMAP model in a similar world."""
+
+    def __init__(self, root):
+        rng = np.random.RandomState(7)
+        azimuths = np.linspace(0.0, 360.0, NUM_CAMERAS, endpoint=False) + rng.uniform(0, 20, NUM_CAMERAS)
+        elevations = rng.uniform(15.0, 70.0, NUM_CAMERAS)
+        # Distances vary a little, as in a hand-held capture.
+        radii = CAMERA_RADIUS * rng.uniform(0.9, 1.1, NUM_CAMERAS)
+        self.cam2worlds = np.stack([data_util.look_at(data_util.spherical_position(a, e, r))
+                                    for a, e, r in zip(azimuths, elevations, radii)])
+        self.rotation = random_rotation(rng)
+        self.shift = rng.normal(scale=2.0, size=3)
+        self.image_dir = os.path.join(root, "photos")
+        os.makedirs(self.image_dir)
+        # Names sorted differently from ids: the dataset order follows the names.
+        self.names = [f"IMG_{(5 * i) % NUM_CAMERAS:04d}.png" for i in range(NUM_CAMERAS)]
+        for name, cam2world in zip(self.names, self.cam2worlds):
+            img = data_util.render_view(OBJECT, cam2world, FOCAL, CX, CY, HEIGHT, WIDTH)
+            data_util.write_png(os.path.join(self.image_dir, name), img)
+
+        surface, colours = data_util.object_surface_points(OBJECT, NUM_POINTS, seed=0)
+        far = rng.normal(size=(NUM_FAR_OUTLIERS + NUM_LONELY, 3))
+        far = 5.0 * far / np.linalg.norm(far, axis=1, keepdims=True)
+        xyz = np.concatenate([surface, far])
+        rgb = np.concatenate([colours, np.full((len(far), 3), 128)])
+        image_ids = np.arange(1, NUM_CAMERAS + 1) * 3  # COLMAP ids need not be 1..N
+        observations = {int(i): [] for i in image_ids}
+        self.points = []
+        for pid, (p, c) in enumerate(zip(xyz, rgb), start=1):
+            length = 1 if pid > NUM_POINTS + NUM_FAR_OUTLIERS else rng.randint(2, 5)
+            seen_by = rng.choice(image_ids, size=length, replace=False)
+            track = []
+            for image_id in seen_by:
+                track.append((int(image_id), len(observations[int(image_id)])))
+                observations[int(image_id)].append((float(rng.uniform(0, WIDTH)), float(rng.uniform(0, HEIGHT)), pid))
+            self.points.append((pid, self.to_colmap(p), c, 0.5, track))
+        observations[int(image_ids[4])] = []  # one image without observations: an empty line
+
+        self.images = []
+        for image_id, name, cam2world in zip(image_ids, self.names, self.cam2worlds):
+            rot = self.rotation @ cam2world[:3, :3]  # camera -> COLMAP world
+            centre = self.to_colmap(cam2world[:3, 3])
+            self.images.append((int(image_id), rotation_to_quaternion(rot.T), -rot.T @ centre, 1, name,
+                                observations[int(image_id)]))
+        self.pinhole = [(1, "PINHOLE", WIDTH, HEIGHT, [FOCAL, FOCAL, CX + 0.5, CY + 0.5])]
+        self.text_dir = os.path.join(root, "sparse_txt")
+        write_text_model(self.text_dir, self.pinhole, self.images, self.points)
+
+    def to_colmap(self, points):
+        return WORLD_SCALE * np.asarray(points) @ self.rotation.T + self.shift
+
+    def to_ground_truth(self, points):
+        return (np.asarray(points) - self.shift) @ self.rotation / WORLD_SCALE
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    return Scene(str(tmp_path_factory.mktemp("scene")))
+
+
+@pytest.fixture(scope="module")
+def converted(scene, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("dataset") / "object")
+    code = colmap_import.main(["--colmap_dir", scene.text_dir, "--images", scene.image_dir,
+                               "--out", out, "--resolution", str(RESOLUTION)])
+    assert code == 0
+    return out
+
+
+@pytest.fixture
+def no_colmap(monkeypatch, tmp_path):
+    empty = tmp_path / "empty_bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+
+
+def dataset_to_colmap(out, points):
+    """Undo the documented normalisation (world_transform.txt: COLMAP world -> dataset world)."""
+    transform = np.loadtxt(os.path.join(out, "world_transform.txt"))
+    return (np.asarray(points) - transform[:3, 3]) @ np.linalg.inv(transform[:3, :3]).T
+
+
+def ground_truth_to_dataset(scene, out, points):
+    transform = np.loadtxt(os.path.join(out, "world_transform.txt"))
+    return scene.to_colmap(points) @ transform[:3, :3].T + transform[:3, 3]
+
+
+def unit_grid_corners():
+    return np.array(list(itertools.product((-0.5, 0.5), repeat=3)))
+
+
+# ----------------------------------------------------------------------------- tests
+
+def test_quaternion_round_trip():
+    rng = np.random.RandomState(0)
+    for _ in range(20):
+        rot = random_rotation(rng)
+        q = rotation_to_quaternion(rot)
+        np.testing.assert_allclose(colmap_import.quaternion_to_rotation(q), rot, atol=1e-12)
+        np.testing.assert_allclose(colmap_import.quaternion_to_rotation(-3.0 * q), rot, atol=1e-12)
+    # A quarter turn about z: x -> y.
+    quarter = colmap_import.quaternion_to_rotation([np.cos(np.pi / 4), 0, 0, np.sin(np.pi / 4)])
+    np.testing.assert_allclose(quarter @ [1, 0, 0], [0, 1, 0], atol=1e-12)
+
+
+def test_crop_window_matches_loader_crop():
+    for height, width in [(96, 128), (97, 130), (128, 96), (51, 51)]:
+        img = np.arange(height * width).reshape(height, width)
+        row0, col0, side = colmap_import.crop_window(height, width)
+        np.testing.assert_array_equal(data_util.square_crop(img), img[row0:row0 + side, col0:col0 + side])
+
+
+def test_poses_match_ground_truth(scene, converted):
+    assert sorted(os.listdir(os.path.join(converted, "pose"))) == [f"{i:06d}.txt" for i in range(NUM_CAMERAS)]
+    order = np.argsort(scene.names)
+    transform = np.loadtxt(os.path.join(converted, "world_transform.txt"))
+    for index, k in enumerate(order):
+        path = os.path.join(converted, "pose", f"{index:06d}.txt")
+        pose64 = np.loadtxt(path)
+        pose32 = data_util.load_pose(path)
+        assert pose32.dtype == np.float32
+        np.testing.assert_allclose(pose32, pose64, atol=1e-6)
+        # Undo the normalisation, then the test's similarity: the renderer's camera comes back.
+        centre = scene.to_ground_truth(dataset_to_colmap(converted, pose64[:3, 3]))
+        rot = scene.rotation.T @ pose64[:3, :3]
+        np.testing.assert_allclose(centre, scene.cam2worlds[k][:3, 3], atol=1e-6)
+        np.testing.assert_allclose(rot, scene.cam2worlds[k][:3, :3], atol=1e-6)
+        np.testing.assert_array_equal(pose64[3], [0, 0, 0, 1])
+    # The normalisation is a similarity with a uniform scale.
+    np.testing.assert_allclose(transform[:3, :3], transform[0, 0] * np.eye(3), atol=1e-15)
+    names = [line.split()[1] for line in open(os.path.join(converted, "source_images.txt"))]
+    assert names == sorted(scene.names)
+
+
+def test_grid_contains_object_and_lies_in_front_of_cameras(scene, converted):
+    intrinsic, origin, scale, near_plane, _ = data_util.parse_intrinsics(
+        os.path.join(converted, "intrinsics.txt"), RESOLUTION)
+    np.testing.assert_array_equal(origin, [0, 0, 0])
+    assert scale == 1.0
+    surface, _ = data_util.object_surface_points(OBJECT, 5000, seed=3)  # not the points COLMAP saw
+    inside = ground_truth_to_dataset(scene, converted, surface)
+    assert np.abs(inside).max() <= 0.5 * scale
+    # Margins: the object fills the grid, it is not lost in a box inflated by the outliers.
+    assert np.abs(inside).max() > 0.3 * scale
+    assert near_plane > 0
+    depths = []
+    for name in sorted(os.listdir(os.path.join(converted, "pose"))):
+        world2cam = np.linalg.inv(np.loadtxt(os.path.join(converted, "pose", name)))
+        corners = unit_grid_corners() * scale + origin
+        depths.append(corners @ world2cam[:3, :3].T + world2cam[:3, 3])
+    depths = np.array(depths)[..., 2]
+    assert depths.min() >= near_plane - 1e-9  # the whole grid is in front of every near plane
+    assert depths.min() == pytest.approx(near_plane)  # and the near plane is the tight choice
+    # Cameras at different distances: the back corners may pass the last plane, the centre may not.
+    centre_depths = [np.linalg.norm(np.loadtxt(os.path.join(converted, "pose", name))[:3, 3])
+                     for name in os.listdir(os.path.join(converted, "pose"))]
+    assert max(centre_depths) <= near_plane + colmap_import.FRUSTUM_DEPTH_IN_GRID_SIDES * scale
+
+
+def test_intrinsics_follow_crop_and_resize(scene, converted):
+    intrinsic, _, _, _, _ = data_util.parse_intrinsics(os.path.join(converted, "intrinsics.txt"), RESOLUTION)
+    zoom = RESOLUTION / HEIGHT
+    np.testing.assert_allclose(intrinsic[0, 0], FOCAL * zoom)
+    np.testing.assert_allclose(intrinsic[1, 1], FOCAL * zoom)
+    # Pixel centres: (CX + 0.5) in COLMAP, shifted by the 16 cropped columns, scaled, back by 0.5.
+    np.testing.assert_allclose(intrinsic[0, 2], (CX + 0.5 - (WIDTH - HEIGHT) // 2) * zoom - 0.5)
+    np.testing.assert_allclose(intrinsic[1, 2], (CY + 0.5) * zoom - 0.5)
+    lines = open(os.path.join(converted, "intrinsics.txt")).read().split("\n")
+    assert lines[4].split() == [str(RESOLUTION), str(RESOLUTION)]
+
+
+def test_written_images_match_a_render_with_written_camera(scene, converted):
+    """End to end: rendering the scene with the written intrinsics reproduces the written image."""
+    intrinsic, _, _, _, _ = data_util.parse_intrinsics(os.path.join(converted, "intrinsics.txt"), RESOLUTION)
+    f, cx, cy = intrinsic[0, 0], intrinsic[0, 2], intrinsic[1, 2]
+    k = int(np.argsort(scene.names)[0])
+    written = data_util.read_image(os.path.join(converted, "rgb", "000000.png")).astype(np.float64)
+    assert written.shape == (RESOLUTION, RESOLUTION, 3)
+
+    def error(dx):
+        render = data_util.render_view(OBJECT, scene.cam2worlds[k], f, cx + dx, cy, RESOLUTION, RESOLUTION)
+        return np.abs(render - written).mean()
+
+    assert error(0.0) < 2.0
+    assert error(0.0) < error(-0.5) and error(0.0) < error(0.5)
+
+
+def test_binary_model_reads_like_text(scene, tmp_path):
+    binary_dir = str(tmp_path / "sparse_bin")
+    write_binary_model(binary_dir, scene.pinhole, scene.images, scene.points)
+    text = colmap_import.read_model(scene.text_dir)
+    binary = colmap_import.read_model(binary_dir)
+    assert binary.files["cameras"].endswith("cameras.bin")
+    assert text.cameras.keys() == binary.cameras.keys()
+    for key in text.cameras:
+        a, b = text.cameras[key], binary.cameras[key]
+        assert (a.model, a.width, a.height) == (b.model, b.width, b.height)
+        np.testing.assert_array_equal(a.params, b.params)
+    assert text.images.keys() == binary.images.keys()
+    for key in text.images:
+        a, b = text.images[key], binary.images[key]
+        assert (a.name, a.camera_id) == (b.name, b.camera_id)
+        np.testing.assert_array_equal(a.qvec, b.qvec)
+        np.testing.assert_array_equal(a.tvec, b.tvec)
+    np.testing.assert_array_equal(text.points, binary.points)
+    np.testing.assert_array_equal(text.track_lengths, binary.track_lengths)
+    assert text.track_lengths.min() == 1 and len(text.points) == len(scene.points)
+
+    # The parent folder (as `colmap mapper` leaves it: sparse/0) is accepted too.
+    nested = tmp_path / "sparse"
+    shutil.copytree(binary_dir, nested / "0")
+    assert len(colmap_import.read_model(str(nested)).images) == NUM_CAMERAS
+
+
+def test_binary_conversion_equals_text_conversion(scene, converted, tmp_path):
+    binary_dir = str(tmp_path / "sparse_bin")
+    write_binary_model(binary_dir, scene.pinhole, scene.images, scene.points)
+    out = str(tmp_path / "object")
+    assert colmap_import.main(["--colmap_dir", binary_dir, "--images", scene.image_dir, "--out", out,
+                               "--resolution", str(RESOLUTION)]) == 0
+    for sub in ("pose", "rgb"):
+        for name in os.listdir(os.path.join(converted, sub)):
+            with open(os.path.join(converted, sub, name), "rb") as a, open(os.path.join(out, sub, name), "rb") as b:
+                assert a.read() == b.read(), name
+    assert open(os.path.join(converted, "intrinsics.txt")).read() == open(os.path.join(out, "intrinsics.txt")).read()
+
+
+def test_overrides_and_simple_pinhole(scene, tmp_path):
+    """--origin/--scale in COLMAP units, --near_plane in grid sides; SIMPLE_PINHOLE; no resize."""
+    model_dir = str(tmp_path / "simple")
+    write_text_model(model_dir, [(1, "SIMPLE_PINHOLE", WIDTH, HEIGHT, [FOCAL, CX + 0.5, CY + 0.5])],
+                     scene.images, scene.points)
+    out = str(tmp_path / "object")
+    origin = scene.to_colmap([0.0, 0.0, -0.07])
+    assert colmap_import.main(["--colmap_dir", model_dir, "--images", scene.image_dir, "--out", out,
+                               "--origin", *map(str, origin), "--scale", str(WORLD_SCALE),
+                               "--near_plane", "0.7"]) == 0
+    intrinsic, _, scale, near_plane, _ = data_util.parse_intrinsics(os.path.join(out, "intrinsics.txt"), HEIGHT)
+    assert (scale, near_plane) == (1.0, 0.7)
+    np.testing.assert_allclose(intrinsic[0, 0], FOCAL)
+    np.testing.assert_allclose(intrinsic[0, 2], CX - (WIDTH - HEIGHT) // 2)
+    np.testing.assert_allclose(intrinsic[1, 2], CY)
+    assert data_util.read_image(os.path.join(out, "rgb", "000000.png")).shape == (HEIGHT, HEIGHT, 3)
+    # Scale 3 in COLMAP is one ground-truth unit: the dataset world is the renderer's, shifted
+    # and turned by the test's rotation.
+    k = int(np.argsort(scene.names)[0])
+    pose = np.loadtxt(os.path.join(out, "pose", "000000.txt"))
+    expected = scene.rotation @ (scene.cam2worlds[k][:3, 3] - [0.0, 0.0, -0.07])
+    np.testing.assert_allclose(pose[:3, 3], expected, atol=1e-9)
+
+
+def test_refuses_distorted_camera(scene, tmp_path, no_colmap, capsys):
+    model_dir = str(tmp_path / "opencv")
+    write_text_model(model_dir, [(1, "OPENCV", WIDTH, HEIGHT, [FOCAL, FOCAL, CX, CY, 0.1, 0.0, 0.0, 0.0])],
+                     scene.images, scene.points)
+    code = colmap_import.main(["--colmap_dir", model_dir, "--images", scene.image_dir,
+                               "--out", str(tmp_path / "object")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert "OPENCV" in err and "image_undistorter" in err and "cameras.txt" in err
+
+
+def test_refuses_unequal_focal_lengths(scene, tmp_path, capsys):
+    model_dir = str(tmp_path / "aspect")
+    write_text_model(model_dir, [(1, "PINHOLE", WIDTH, HEIGHT, [FOCAL, 1.05 * FOCAL, CX, CY])],
+                     scene.images, scene.points)
+    args = ["--colmap_dir", model_dir, "--images", scene.image_dir]
+    assert colmap_import.main(args + ["--out", str(tmp_path / "a")]) == 2
+    assert "fx=" in capsys.readouterr().err
+    assert colmap_import.main(args + ["--out", str(tmp_path / "b"), "--max_focal_mismatch", "0.1"]) == 0
+
+
+@pytest.mark.parametrize("missing", ["points3D.txt", "images.txt"])
+def test_missing_model_file(scene, tmp_path, capsys, missing):
+    model_dir = tmp_path / "model"
+    shutil.copytree(scene.text_dir, model_dir)
+    os.remove(model_dir / missing)
+    code = colmap_import.main(["--colmap_dir", str(model_dir), "--images", scene.image_dir,
+                               "--out", str(tmp_path / "object")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and missing in err
+
+
+def test_missing_image_and_bad_lines(scene, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    shutil.copytree(scene.image_dir, photos)
+    os.remove(photos / scene.names[3])
+    args = ["--colmap_dir", scene.text_dir, "--out", str(tmp_path / "object")]
+    assert colmap_import.main(args + ["--images", str(photos)]) == 2
+    assert scene.names[3] in capsys.readouterr().err
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(scene.text_dir, model_dir)
+    with open(model_dir / "cameras.txt", "a") as f:
+        f.write("2 PINHOLE 128 nan_width 1 2 3 4\n")
+    assert colmap_import.main(["--colmap_dir", str(model_dir), "--images", scene.image_dir,
+                               "--out", str(tmp_path / "object")]) == 2
+    err = capsys.readouterr().err
+    assert "cameras.txt" in err and "line" in err
+
+    binary_dir = tmp_path / "binary"
+    write_binary_model(str(binary_dir), scene.pinhole, scene.images, scene.points)
+    data = (binary_dir / "cameras.bin").read_bytes()
+    (binary_dir / "cameras.bin").write_bytes(data[:-5])
+    assert colmap_import.main(["--colmap_dir", str(binary_dir), "--images", scene.image_dir,
+                               "--out", str(tmp_path / "object")]) == 2
+    err = capsys.readouterr().err
+    assert "cameras.bin" in err and "truncated" in err
+
+
+def test_run_colmap_without_colmap(scene, tmp_path, no_colmap, capsys):
+    code = colmap_import.main(["--run_colmap", "--images", scene.image_dir, "--out", str(tmp_path / "object")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "colmap" in err and "apt-get install colmap" in err
+
+
+def test_command_lines_exit_2_without_traceback(tmp_path):
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable))
+    for script in (["colmap_import.py"], ["data_util.py", "from_colmap"]):
+        result = subprocess.run([sys.executable, *script, "--colmap_dir", str(tmp_path / "nowhere"),
+                                 "--images", str(tmp_path), "--out", str(tmp_path / "object")],
+                                cwd=REPO, env=env, capture_output=True, text=True)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr
+        assert result.stderr.strip().startswith("error: ") and "nowhere" in result.stderr
+
+
+FAKE_COLMAP = """#!{python}
+# Stand-in for the colmap executable: logs its command line and plays back prepared models.
+import os, shutil, sys
+step, args = sys.argv[1], sys.argv[2:]
+opts = dict(zip(args[::2], args[1::2]))
+with open(os.environ["FAKE_COLMAP_LOG"], "a") as log:
+    log.write(" ".join(sys.argv[1:]) + "\\n")
+if step == "feature_extractor":
+    open(opts["--database_path"], "w").close()
+elif step == "mapper":
+    shutil.copytree(os.environ["FAKE_MAPPER_MODEL"], os.path.join(opts["--output_path"], "0"))
+elif step == "image_undistorter":
+    shutil.copytree(opts["--image_path"], os.path.join(opts["--output_path"], "images"))
+    shutil.copytree(os.environ["FAKE_UNDISTORTED_MODEL"], os.path.join(opts["--output_path"], "sparse"))
+"""
+
+
+@pytest.fixture
+def fake_colmap(scene, tmp_path, monkeypatch):
+    """A fake `colmap` on PATH: the mapper yields a SIMPLE_RADIAL model, the undistorter a PINHOLE one."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "colmap"
+    script.write_text(FAKE_COLMAP.format(python=sys.executable))
+    script.chmod(0o755)
+    radial = str(tmp_path / "radial")
+    write_binary_model(radial, [(1, "SIMPLE_RADIAL", WIDTH, HEIGHT, [FOCAL, CX + 0.5, CY + 0.5, 0.01])],
+                       scene.images, scene.points)
+    pinhole = str(tmp_path / "pinhole")
+    write_binary_model(pinhole, scene.pinhole, scene.images, scene.points)
+    log = tmp_path / "colmap.log"
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setenv("FAKE_COLMAP_LOG", str(log))
+    monkeypatch.setenv("FAKE_MAPPER_MODEL", radial)
+    monkeypatch.setenv("FAKE_UNDISTORTED_MODEL", pinhole)
+    return radial, log
+
+
+def test_run_colmap_pipeline(scene, converted, fake_colmap, tmp_path):
+    _, log = fake_colmap
+    out = str(tmp_path / "object")
+    assert colmap_import.main(["--run_colmap", "--images", scene.image_dir, "--out", out,
+                               "--resolution", str(RESOLUTION)]) == 0
+    steps = [line.split()[0] for line in log.read_text().splitlines()]
+    assert steps == ["feature_extractor", "exhaustive_matcher", "mapper", "image_undistorter", "model_converter"]
+    assert "--ImageReader.single_camera 1" in log.read_text()
+    for name in os.listdir(os.path.join(converted, "pose")):
+        np.testing.assert_array_equal(np.loadtxt(os.path.join(out, "pose", name)),
+                                      np.loadtxt(os.path.join(converted, "pose", name)))
+
+
+def test_distorted_model_is_undistorted_when_colmap_is_present(scene, fake_colmap, tmp_path):
+    radial, log = fake_colmap
+    out = str(tmp_path / "object")
+    assert colmap_import.main(["--colmap_dir", radial, "--images", scene.image_dir, "--out", out]) == 0
+    steps = [line.split()[0] for line in log.read_text().splitlines()]
+    assert steps == ["image_undistorter", "model_converter"]
+    assert len(os.listdir(os.path.join(out, "rgb"))) == NUM_CAMERAS
