@@ -10,11 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+import colmap_import
+import data_util
 
-import colmap_import  # noqa: E402
-import data_util  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 OBJECT = "sphere_box"
 HEIGHT, WIDTH = 96, 128  # non-square: the crop removes 16 columns on each side
@@ -262,6 +261,16 @@ def test_grid_contains_object_and_lies_in_front_of_cameras(scene, converted):
     centre_depths = [np.linalg.norm(np.loadtxt(os.path.join(converted, "pose", name))[:3, 3])
                      for name in os.listdir(os.path.join(converted, "pose"))]
     assert max(centre_depths) <= near_plane + colmap_import.FRUSTUM_DEPTH_IN_GRID_SIDES * scale
+
+
+def test_training_loader_reads_the_folder(scene, converted):
+    import dataio
+    views = dataio.NovelViewTriplets(converted, RESOLUTION)
+    assert len(views) == NUM_CAMERAS
+    first = views.all_views[0]
+    assert tuple(first["gt_rgb"].shape) == (3, RESOLUTION, RESOLUTION)
+    np.testing.assert_allclose(first["pose"].numpy(), np.loadtxt(os.path.join(converted, "pose", "000000.txt")),
+                               atol=1e-6)
 
 
 def test_intrinsics_follow_crop_and_resize(scene, converted):
