@@ -87,8 +87,8 @@ class DeepVoxels(nn.Module):
         lifted = lift_features(img_feats, lift_volume_idcs, lift_img_coords, self.grid_dims)
         new_grid, update, reset = self.integration_net(lifted, self.deepvoxels.detach())
         self.last_gates = (update.detach(), reset.detach())
-        with torch.no_grad():
-            self.deepvoxels.copy_(new_grid)
+        # Rebind rather than copy in place: the old grid tensor is saved for this step's backward pass.
+        self.deepvoxels = new_grid.detach()
         return new_grid
 
     def inpaint(self, grid: torch.Tensor) -> torch.Tensor:

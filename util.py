@@ -13,6 +13,10 @@ import torch
 from torch import nn
 
 
+class UsageError(ValueError):
+    """A flag value the program cannot use; the message names the flag."""
+
+
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, unsafe or does not fit the configured model."""
 
@@ -40,13 +44,13 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise ValueError(f"--device {name!r} is not a device (use auto, cpu, cuda, cuda:N or mps)") from err
+        raise UsageError(f"--device {name!r} is not a device (use auto, cpu, cuda, cuda:N or mps)") from err
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps: MPS is not available on this machine")
+        raise UsageError("--device mps: MPS is not available on this machine")
     return device
 
 
