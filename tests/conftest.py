@@ -8,7 +8,10 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-REFERENCE_DIR = "/work/shared/reference"
+# Fixtures written by the original implementation: ../shared/reference beside the repository (as laid out
+# for developers and CI), or wherever DEEPVOXELS_REFERENCE points.
+REFERENCE_DIR = os.environ.get("DEEPVOXELS_REFERENCE",
+                               os.path.join(os.path.dirname(REPO_ROOT), "shared", "reference"))
 
 
 @pytest.fixture
