@@ -1,0 +1,180 @@
+"""Parity with the original implementation, against the arrays it produced (../shared/reference)."""
+import json
+import os
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import run_deepvoxels
+import util
+from deep_voxels import DeepVoxels
+from losses import PatchDiscriminator
+
+SMALL = types.SimpleNamespace(img_sidelength=128, grid_dim=16, num_grid_feats=8, nf0=8, no_occlusion_net=False)
+NUM_POSES = 6
+ATOL = 1e-4
+
+
+def _manifest_model(manifest):
+    cfg = manifest["config"]
+    opt = types.SimpleNamespace(img_sidelength=cfg["img_sidelength"], grid_dim=cfg["grid_dim"],
+                                num_grid_feats=cfg["num_grid_feats"], nf0=cfg["nf0"],
+                                no_occlusion_net=not cfg["use_occlusion_net"])
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        return run_deepvoxels.build_model(opt), PatchDiscriminator(input_nc=3)
+
+
+@pytest.mark.parametrize("name", ["state_dict_default.json", "state_dict_no_occlusion.json"])
+def test_state_dict_matches_manifest(reference_dir, name):
+    with open(os.path.join(reference_dir, name)) as handle:
+        manifest = json.load(handle)
+    model, disc = _manifest_model(manifest)
+    keys = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert list(keys) == list(manifest["model"])  # same keys, same order
+    assert keys == manifest["model"]
+    assert {k: list(v.shape) for k, v in disc.state_dict().items()} == manifest["discriminator"]
+    assert util.count_parameters(model) == manifest["model_trainable_params"]
+    assert util.count_parameters(disc) == manifest["discriminator_trainable_params"]
+    for sub, count in manifest["model_submodule_trainable_params"].items():
+        assert util.count_parameters(getattr(model, sub)) == count, sub
+    state = model.state_dict(keep_vars=True)
+    for alias, original in manifest["model_alias_keys"].items():
+        assert state[alias] is state[original], alias
+    assert sorted(k for k, _ in model.named_buffers() if k in keys) == sorted(manifest["model_buffer_keys"])
+
+
+def _reference_dir() -> str:
+    from conftest import REFERENCE_DIR
+    if not os.path.isdir(REFERENCE_DIR):
+        pytest.skip(f"reference fixtures not found at {REFERENCE_DIR}")
+    return REFERENCE_DIR
+
+
+@pytest.fixture(scope="module")
+def geometry():
+    return run_deepvoxels.build_geometry(os.path.join(_reference_dir(), "small_intrinsics.txt"), SMALL.grid_dim,
+                                         float(np.sqrt(3) / 2))
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    model = run_deepvoxels.build_model(SMALL)
+    payload = util.load_checkpoint(os.path.join(_reference_dir(), "small_ckpt.pth"))
+    model.load_state_dict(payload["model"], strict=True)
+    disc = PatchDiscriminator(input_nc=3)
+    disc.load_state_dict(payload["discriminator"], strict=True)
+    return model.eval()
+
+
+def test_geometry_meta_matches_original(reference_dir, geometry):
+    ref = np.load(os.path.join(reference_dir, "projection.npz"))
+    np.testing.assert_allclose(np.asarray(geometry.lifting_intrinsic), ref["lift_intrinsic"])
+    np.testing.assert_allclose(geometry.grid2world.numpy(), ref["grid_origin"])
+    assert geometry.near_plane == pytest.approx(float(ref["near_plane"]))
+    assert geometry.voxel_size == pytest.approx(float(ref["voxel_size"]))
+    assert geometry.depth_max == pytest.approx(float(ref["depth_max"]))
+    assert geometry.frustum_depth == int(ref["frustrum_depth"])
+
+
+@pytest.mark.parametrize("i", range(NUM_POSES))
+def test_lifting_and_projection_indices(reference_dir, geometry, i):
+    ref = np.load(os.path.join(reference_dir, "projection.npz"))
+    pose = torch.from_numpy(ref[f"pose_{i}"])
+    lin, coords = geometry.lifting_indices(pose)
+    np.testing.assert_array_equal(lin.numpy(), ref[f"lift_lin_ind_{i}"])
+    np.testing.assert_allclose(coords.numpy(), ref[f"lift_coords_{i}"], atol=1e-5, rtol=0)
+    lin, coords = geometry.projection_indices(pose)
+    np.testing.assert_array_equal(lin.numpy(), ref[f"proj_lin_ind_{i}"])
+    np.testing.assert_allclose(coords.numpy(), ref[f"proj_voxel_coords_{i}"], atol=1e-5, rtol=0)
+
+
+def test_test_mode_renders_and_depths(reference_dir, geometry, small_model):
+    ref = np.load(os.path.join(reference_dir, "forward_test.npz"))
+    np.testing.assert_array_equal(small_model.deepvoxels.numpy(), ref["deepvoxels_buffer"])
+    proj = [geometry.projection_indices(torch.from_numpy(ref[f"pose_{i}"])) for i in range(NUM_POSES)]
+    with torch.no_grad():
+        inpainted = small_model.inpaint(small_model.deepvoxels)
+        np.testing.assert_allclose(inpainted.numpy(), ref["inpainting_net_output"], atol=ATOL, rtol=0)
+        images, depths = small_model(None, [p[0] for p in proj], [p[1] for p in proj])
+    for i in range(NUM_POSES):
+        np.testing.assert_allclose(images[i].numpy(), ref[f"rendered_full_{i}"], atol=ATOL, rtol=0)
+        np.testing.assert_allclose(depths[i].numpy(), ref[f"depth_raw_{i}"], atol=ATOL, rtol=0)
+        cropped = images[i][:, :, run_deepvoxels.BORDER:-run_deepvoxels.BORDER,
+                            run_deepvoxels.BORDER:-run_deepvoxels.BORDER]
+        np.testing.assert_allclose(cropped.numpy(), ref[f"rendered_cropped_{i}"], atol=ATOL, rtol=0)
+
+
+def test_occlusion_weights_and_rendering_input(reference_dir, geometry, small_model):
+    ref = np.load(os.path.join(reference_dir, "forward_test.npz"))
+    from projection import sample_frustum
+    with torch.no_grad():
+        inpainted = small_model.inpaint(small_model.deepvoxels)
+        for i in (0, 3):
+            lin, coords = geometry.projection_indices(torch.from_numpy(ref[f"pose_{i}"]))
+            frustum = sample_frustum(inpainted, lin, coords, (32, 64, 64))
+            weights, _ = small_model.occlusion_net(frustum)
+            np.testing.assert_allclose(weights.numpy(), ref[f"occlusion_visibility_weights_{i}"], atol=ATOL, rtol=0)
+            features = torch.mean(weights * frustum, dim=2)
+            np.testing.assert_allclose(features.numpy(), ref[f"rendering_net_input_{i}"], atol=ATOL, rtol=0)
+
+
+def test_train_mode_forward_in_eval(reference_dir, geometry):
+    """One call with an input image: lifting, integration (the buffer is overwritten), inpainting, 2 views."""
+    ref = np.load(os.path.join(reference_dir, "forward_train_eval.npz"))
+    model = run_deepvoxels.build_model(SMALL)
+    model.load_state_dict(util.load_checkpoint(os.path.join(reference_dir, "small_ckpt.pth"))["model"])
+    model.eval()
+    np.testing.assert_array_equal(model.deepvoxels.numpy(), ref["deepvoxels_before"])
+    lin, coords = geometry.lifting_indices(torch.from_numpy(ref["nearest_pose"]))
+    proj = [geometry.projection_indices(torch.from_numpy(p)) for p in ref["target_poses"]]
+    img = torch.from_numpy(ref["input_img"])
+    with torch.no_grad():
+        feats = model.feature_extractor(img)
+        np.testing.assert_allclose(feats.numpy(), ref["img_feats"], atol=ATOL, rtol=0)
+        from projection import lift_features
+        lifted = lift_features(feats, lin, coords, [SMALL.grid_dim] * 3)
+        np.testing.assert_allclose(lifted.numpy(), ref["lifted_volume"], atol=ATOL, rtol=0)
+        images, depths = model(img, [p[0] for p in proj], [p[1] for p in proj], lin, coords)
+    np.testing.assert_allclose(model.deepvoxels.numpy(), ref["deepvoxels_after"], atol=ATOL, rtol=0)
+    for i in range(2):
+        np.testing.assert_allclose(images[i].numpy(), ref[f"rendered_full_{i}"], atol=ATOL, rtol=0)
+        np.testing.assert_allclose(depths[i].numpy(), ref[f"depth_raw_{i}"], atol=ATOL, rtol=0)
+        metric = (depths[i] + 0.5) * int(np.ceil(np.sqrt(3) * SMALL.grid_dim)) * geometry.voxel_size \
+            + geometry.near_plane
+        np.testing.assert_allclose(metric.numpy(), ref[f"depth_metric_{i}"], atol=ATOL, rtol=0)
+
+
+def test_checkpoint_config_inferred_from_original_file(reference_dir):
+    payload = util.load_checkpoint(os.path.join(reference_dir, "small_ckpt.pth"))
+    assert set(payload) == {"model", "discriminator"}
+    assert run_deepvoxels.infer_model_config(payload["model"]) == vars(SMALL)
+
+
+def test_cli_test_mode_writes_the_original_pngs(reference_dir, tmp_path, capsys):
+    """``--train_test test`` on the 6 reference poses: 16-bit renders and depth PNGs as the original wrote."""
+    import shutil
+
+    import data_util
+    data = tmp_path / "test" / "small"
+    (data / "pose").mkdir(parents=True)
+    for i in range(NUM_POSES):
+        shutil.copy(os.path.join(reference_dir, f"pose_{i}.txt"), data / "pose" / f"pose_{i}.txt")
+    shutil.copy(os.path.join(reference_dir, "small_intrinsics.txt"), data / "intrinsics.txt")
+    code = run_deepvoxels.main(["--train_test", "test", "--data_root", str(data), "--logging_root",
+                                str(tmp_path / "logs"), "--checkpoint", os.path.join(reference_dir, "small_ckpt.pth"),
+                                "--img_sidelength", "128", "--grid_dim", "16", "--num_grid_feats", "8", "--nf0", "8",
+                                "--device", "cpu"])
+    assert code == 0
+    assert "Average forward pass time over 6 examples" in capsys.readouterr().out
+    ref = np.load(os.path.join(reference_dir, "forward_test.npz"))
+    (out_dir,) = [os.path.dirname(p) for p in (tmp_path / "logs").rglob("img_00000.png") if "depth" not in str(p)]
+    for i in range(NUM_POSES):
+        png = data_util.read_image(os.path.join(out_dir, f"img_{i:05d}.png"))
+        assert png.dtype == np.uint16 and png.shape == (118, 118, 3)
+        diff = np.abs(png.astype(np.int64) - ref[f"test_png_rgb_uint16_{i}"].astype(np.int64))
+        assert diff.max() <= 1e-3 * run_deepvoxels.UINT16_MAX
+        depth = data_util.read_image(os.path.join(out_dir, "depth", f"img_{i:05d}.png"))
+        diff = np.abs(depth.astype(np.int64) - ref["test_depth_png_uint16"][i, ..., 0].astype(np.int64))
+        assert diff.max() <= 1e-3 * run_deepvoxels.UINT16_MAX
