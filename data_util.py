@@ -592,8 +592,8 @@ def _cube_texture(points: np.ndarray, normals: np.ndarray, face: np.ndarray) -> 
     return albedo * (1.0 - 0.5 * ramp) + 0.5 * ramp * np.array([0.95, 0.95, 0.95])
 
 
-_PLINTH_LO, _PLINTH_HI = (-0.33, -0.33, -0.40), (0.33, 0.33, -0.22)
-_BALL_RADIUS = 0.26
+_PLINTH_LO, _PLINTH_HI = (-0.27, -0.27, -0.3), (0.27, 0.27, -0.15)
+_BALL_RADIUS = 0.24
 _BALL_CENTRE = (0.0, 0.0, _PLINTH_HI[2] + _BALL_RADIUS - 0.04)  # sunk slightly into the plinth
 
 
