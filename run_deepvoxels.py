@@ -342,6 +342,74 @@ def _iterate(dataset, order: list[int], num_workers: int) -> Iterator:
     yield from loader
 
 
+class Trainer:
+    """The networks, optimizers and one training step of the original loop (used by ``train`` and the
+    benchmark, so both run the same code)."""
+
+    def __init__(self, opt: Any, device: torch.device):
+        self.opt, self.device = opt, device
+        self.model = build_model(opt).to(device)
+        self.discriminator = PatchDiscriminator(input_nc=3).to(device)
+        self.criterion_gan = GANLoss()
+        # foreach: one multi-tensor kernel per Adam op instead of one per parameter (same arithmetic).
+        self.optimizer_d = torch.optim.Adam(self.discriminator.parameters(), lr=opt.lr, foreach=True)
+        self.optimizer_g = torch.optim.Adam(self.model.parameters(), lr=opt.lr, foreach=True)
+        self.d_params = list(self.discriminator.parameters())
+        self.g_params = list(self.model.parameters())
+        self.scaler = torch.amp.GradScaler(device.type, enabled=opt.amp == "fp16")
+        if opt.compile:
+            compile_networks(self.model, self.discriminator)
+
+    def train_mode(self) -> None:
+        self.model.train()
+        self.discriminator.train()
+
+    def step(self, nearest_rgb: torch.Tensor, lift: tuple[torch.Tensor, torch.Tensor],
+             proj: Sequence[tuple[torch.Tensor, torch.Tensor]], target_rgbs: Sequence[torch.Tensor]
+             ) -> tuple[dict[str, float], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """One iteration: integrate the nearest view, render the targets, D step, then G step.
+
+        Args:
+            nearest_rgb: (1, 3, S, S) input view; lift: its ``lifting_indices``.
+            proj: per target view, its ``projection_indices``; target_rgbs: per target (1, 3, S, S).
+        Returns:
+            (losses, cropped outputs, cropped targets, raw depths).
+        Raises:
+            FloatingPointError: a loss is not finite; nothing was updated and the grid is restored.
+        """
+        model, disc, gan, opt = self.model, self.discriminator, self.criterion_gan, self.opt
+        grid_before = model.deepvoxels
+        targets = [t[:, :, BORDER:-BORDER, BORDER:-BORDER] for t in target_rgbs]
+        with autocast(opt, self.device):
+            outputs, depths = model(nearest_rgb, [p[0] for p in proj], [p[1] for p in proj], lift[0], lift[1])
+            outputs = [o[:, :, BORDER:-BORDER, BORDER:-BORDER] for o in outputs]
+            losses_d, losses_g = [], []
+            for out, gt in zip(outputs, targets):
+                loss_d_fake = gan(disc(out.detach()).float(), False)
+                loss_d_real = gan(disc(gt).float(), True)
+                losses_d.append((loss_d_fake + loss_d_real) * 0.5)
+                loss_g_gan = gan(disc(out).float(), True)
+                loss_g_l1 = torch.mean(torch.abs(out.float() - gt)) * opt.l1_weight
+                losses_g.append(loss_g_gan + loss_g_l1)
+            loss_d = torch.stack(losses_d).mean()
+            loss_g = torch.stack(losses_g).mean()
+        if not (torch.isfinite(loss_d) and torch.isfinite(loss_g)):
+            model.deepvoxels = grid_before  # the forward already replaced the grid
+            raise FloatingPointError(f"non-finite loss (loss_g {loss_g.item()}, loss_d {loss_d.item()})")
+        self.optimizer_d.zero_grad(set_to_none=False)
+        self.optimizer_g.zero_grad(set_to_none=False)
+        self.scaler.scale(loss_d).backward()
+        _discriminator_step_keeping_versions(lambda: self.scaler.step(self.optimizer_d), self.d_params)
+        # Only the generator's parameters need this backward's gradients (D has already stepped).
+        torch.autograd.backward(self.scaler.scale(loss_g), inputs=self.g_params)
+        self.scaler.step(self.optimizer_g)
+        self.scaler.update()
+        # Loss terms of the last target, as the original logged them.
+        losses = {"discrim_loss": loss_d.item(), "gen_loss_total": loss_g.item(),
+                  "gen_loss_l1": loss_g_l1.item(), "gen_loss_g": loss_g_gan.item()}
+        return losses, outputs, targets, depths
+
+
 def train(opt: Any, device: torch.device) -> str:
     """The original's training loop with checkpoints, resume and validation. Returns the run's log folder."""
     import dataio
@@ -357,17 +425,9 @@ def train(opt: Any, device: torch.device) -> str:
 
     util.seed_everything(opt.seed)
     geometry = build_geometry(os.path.join(opt.data_root, "intrinsics.txt"), opt.grid_dim, opt.near_plane, device)
-    model = build_model(opt).to(device)
-    discriminator = PatchDiscriminator(input_nc=3).to(device)
-    criterion_gan = GANLoss()
-    fused = {"foreach": True}
-    optimizer_d = torch.optim.Adam(discriminator.parameters(), lr=opt.lr, **fused)
-    optimizer_g = torch.optim.Adam(model.parameters(), lr=opt.lr, **fused)
-    d_params = list(discriminator.parameters())
-    g_params = list(model.parameters())
-    scaler = torch.amp.GradScaler(device.type, enabled=opt.amp == "fp16")
-    if opt.compile:
-        compile_networks(model, discriminator)
+    trainer = Trainer(opt, device)
+    model, discriminator = trainer.model, trainer.discriminator
+    optimizer_g, optimizer_d = trainer.optimizer_g, trainer.optimizer_d
 
     dataset = dataio.NovelViewTriplets(root_dir=opt.data_root, img_size=opt.img_sidelength,
                                        sampling_pattern=opt.sampling_pattern, num_trgt=opt.num_trgt)
@@ -434,8 +494,7 @@ def train(opt: Any, device: torch.device) -> str:
 
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     skipped = 0
-    model.train()
-    discriminator.train()
+    trainer.train_mode()
     from tqdm import tqdm
     total = opt.max_steps if opt.max_steps else opt.max_epoch * num_views
     bar = tqdm(total=total, initial=min(step, total), desc="train", dynamic_ncols=True, disable=None)
@@ -453,39 +512,13 @@ def train(opt: Any, device: torch.device) -> str:
                     log.warning("skipping a training triplet (%d so far): %s", skipped, err)
                     epoch_pos += 1
                     continue
-                grid_before = model.deepvoxels
                 nearest_rgb = nearest_view["gt_rgb"].to(device)[None]
-                targets = [v["gt_rgb"].to(device)[None][:, :, BORDER:-BORDER, BORDER:-BORDER] for v in trgt_views]
-                with autocast(opt, device):
-                    outputs, depths = model(nearest_rgb, [p[0] for p in proj], [p[1] for p in proj],
-                                            lift_idx, lift_coords)
-                    outputs = [o[:, :, BORDER:-BORDER, BORDER:-BORDER] for o in outputs]
-                    losses_d, losses_g = [], []
-                    for out, gt in zip(outputs, targets):
-                        l1 = torch.mean(torch.abs(out.float() - gt))
-                        loss_d_fake = criterion_gan(discriminator(out.detach()).float(), False)
-                        loss_d_real = criterion_gan(discriminator(gt).float(), True)
-                        losses_d.append((loss_d_fake + loss_d_real) * 0.5)
-                        loss_g_gan = criterion_gan(discriminator(out).float(), True)
-                        loss_g_l1 = l1 * opt.l1_weight
-                        losses_g.append(loss_g_gan + loss_g_l1)
-                    loss_d = torch.stack(losses_d).mean()
-                    loss_g = torch.stack(losses_g).mean()
-                if not (torch.isfinite(loss_d) and torch.isfinite(loss_g)):
-                    model.deepvoxels = grid_before  # the forward already replaced the grid
-                    raise FloatingPointError(f"non-finite loss at step {step} (loss_g {loss_g.item()}, "
-                                             f"loss_d {loss_d.item()})")
-                optimizer_d.zero_grad(set_to_none=False)
-                optimizer_g.zero_grad(set_to_none=False)
-                scaler.scale(loss_d).backward()
-                _discriminator_step_keeping_versions(lambda: scaler.step(optimizer_d), d_params)
-                # Only the generator's parameters need this backward's gradients (D has already stepped).
-                torch.autograd.backward(scaler.scale(loss_g), inputs=g_params)
-                scaler.step(optimizer_g)
-                scaler.update()
-
-                losses = {"discrim_loss": loss_d.item(), "gen_loss_total": loss_g.item(),
-                          "gen_loss_l1": loss_g_l1.item(), "gen_loss_g": loss_g_gan.item()}
+                try:
+                    losses, outputs, targets, depths = trainer.step(
+                        nearest_rgb, (lift_idx, lift_coords), proj,
+                        [v["gt_rgb"].to(device)[None] for v in trgt_views])
+                except FloatingPointError as err:
+                    raise FloatingPointError(f"step {step}: {err}") from None
                 metric_depths = [(d + 0.5) * int(np.ceil(np.sqrt(3) * opt.grid_dim)) * geometry.voxel_size
                                  + geometry.near_plane for d in depths]
                 write_summaries(writer, step, opt, losses, outputs, targets, metric_depths, nearest_rgb, model,
