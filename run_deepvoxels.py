@@ -11,6 +11,7 @@ import contextlib
 import csv
 import datetime
 import glob
+import inspect
 import json
 import logging
 import math
@@ -19,6 +20,7 @@ import re
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
 import configargparse
@@ -320,6 +322,10 @@ class _StopRequested(Exception):
     pass
 
 
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; the message says where the last good state was saved."""
+
+
 def _epoch_order(seed: int, epoch: int, n: int) -> list[int]:
     """The shuffled view order of one epoch, a pure function of (seed, epoch) so a resumed run can skip
     exactly the views it already trained on."""
@@ -342,12 +348,64 @@ def _iterate(dataset, order: list[int], num_workers: int) -> Iterator:
     yield from loader
 
 
+@dataclass
+class DistContext:
+    """Where this process stands in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(opt: Any) -> tuple[DistContext, torch.device]:
+    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU); pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext(), util.resolve_device(opt.device)
+    import torch.distributed as dist
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if opt.device == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = util.resolve_device(opt.device)
+        if device.type == "cuda":
+            device = torch.device(f"cuda:{local_rank}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistContext(rank=dist.get_rank(), world=dist.get_world_size()), device
+
+
+def _all_reduce_mean_(tensors: Sequence[torch.Tensor], world: int) -> None:
+    """Average float tensors across ranks in place, with one flattened all-reduce."""
+    import torch.distributed as dist
+    if not tensors:
+        return
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.data.copy_(flat[offset:offset + n].view_as(t))
+        offset += n
+
+
 class Trainer:
     """The networks, optimizers and one training step of the original loop (used by ``train`` and the
     benchmark, so both run the same code)."""
 
-    def __init__(self, opt: Any, device: torch.device):
+    def __init__(self, opt: Any, device: torch.device, dist_ctx: Optional[DistContext] = None):
         self.opt, self.device = opt, device
+        self.dist = dist_ctx or DistContext()
         self.model = build_model(opt).to(device)
         self.discriminator = PatchDiscriminator(input_nc=3).to(device)
         self.criterion_gan = GANLoss()
@@ -359,6 +417,28 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=opt.amp == "fp16")
         if opt.compile:
             compile_networks(self.model, self.discriminator)
+        self.generator_fwd: nn.Module = self.model
+        self.discriminator_fwd: nn.Module = self.discriminator
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            ids = [device.index] if device.type == "cuda" else None
+            # Buffers are not broadcast from rank 0: the grid and BatchNorm statistics are averaged after
+            # each step instead (average_buffers), so every rank's update counts.
+            no_buffer_sync = ({"forward_sync_buffers": False}
+                              if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                              else {"broadcast_buffers": False})
+            self.generator_fwd = DDP(self.model, device_ids=ids, **no_buffer_sync)
+            self.discriminator_fwd = DDP(self.discriminator, device_ids=ids, **no_buffer_sync)
+
+    def average_buffers(self) -> None:
+        """Make the replicas one model again after a step: mean of the updated grids and of the BatchNorm
+        running statistics over the ranks (parameters are already equal through DDP's gradient all-reduce)."""
+        if not self.dist.enabled:
+            return
+        buffers = [self.model.deepvoxels]
+        for net in (self.model, self.discriminator):
+            buffers += [b for name, b in net.named_buffers() if name.endswith(("running_mean", "running_var"))]
+        _all_reduce_mean_(buffers, self.dist.world)
 
     def train_mode(self) -> None:
         self.model.train()
@@ -377,23 +457,34 @@ class Trainer:
         Raises:
             FloatingPointError: a loss is not finite; nothing was updated and the grid is restored.
         """
-        model, disc, gan, opt = self.model, self.discriminator, self.criterion_gan, self.opt
+        model, disc, gan, opt = self.model, self.discriminator_fwd, self.criterion_gan, self.opt
         grid_before = model.deepvoxels
         targets = [t[:, :, BORDER:-BORDER, BORDER:-BORDER] for t in target_rgbs]
+        # Under DDP the discriminator's passes for the generator loss must not arm its gradient reducer:
+        # their backward only needs gradients for the generator.
+        no_sync = disc.no_sync if self.dist.enabled else contextlib.nullcontext
         with autocast(opt, self.device):
-            outputs, depths = model(nearest_rgb, [p[0] for p in proj], [p[1] for p in proj], lift[0], lift[1])
+            outputs, depths = self.generator_fwd(nearest_rgb, [p[0] for p in proj], [p[1] for p in proj],
+                                                 lift[0], lift[1])
             outputs = [o[:, :, BORDER:-BORDER, BORDER:-BORDER] for o in outputs]
             losses_d, losses_g = [], []
             for out, gt in zip(outputs, targets):
                 loss_d_fake = gan(disc(out.detach()).float(), False)
                 loss_d_real = gan(disc(gt).float(), True)
                 losses_d.append((loss_d_fake + loss_d_real) * 0.5)
-                loss_g_gan = gan(disc(out).float(), True)
+                with no_sync():
+                    loss_g_gan = gan(disc(out).float(), True)
                 loss_g_l1 = torch.mean(torch.abs(out.float() - gt)) * opt.l1_weight
                 losses_g.append(loss_g_gan + loss_g_l1)
             loss_d = torch.stack(losses_d).mean()
             loss_g = torch.stack(losses_g).mean()
-        if not (torch.isfinite(loss_d) and torch.isfinite(loss_g)):
+        finite = torch.isfinite(loss_d) & torch.isfinite(loss_g)
+        if self.dist.enabled:  # all ranks must agree, or the healthy ones would wait in the all-reduce
+            import torch.distributed as dist
+            flag = finite.to(torch.int32).reshape(1)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = flag[0].bool()
+        if not finite:
             model.deepvoxels = grid_before  # the forward already replaced the grid
             raise FloatingPointError(f"non-finite loss (loss_g {loss_g.item()}, loss_d {loss_d.item()})")
         self.optimizer_d.zero_grad(set_to_none=False)
@@ -410,10 +501,19 @@ class Trainer:
         return losses, outputs, targets, depths
 
 
-def train(opt: Any, device: torch.device) -> str:
-    """The original's training loop with checkpoints, resume and validation. Returns the run's log folder."""
+@dataclass
+class TrainResult:
+    log_dir: str
+    trainer: Trainer
+    step: int
+
+
+def train(opt: Any, device: torch.device, dist_ctx: Optional[DistContext] = None) -> TrainResult:
+    """The original's training loop with checkpoints, resume, validation and optional torchrun data
+    parallelism. Rank 0 alone writes logs, summaries and checkpoints."""
     import dataio
-    from tensorboardX import SummaryWriter
+    dist_ctx = dist_ctx or DistContext()
+    main_rank = dist_ctx.is_main
 
     resume_path = ""
     if opt.resume:
@@ -423,16 +523,17 @@ def train(opt: Any, device: torch.device) -> str:
     ckpt_path = resume_path or opt.checkpoint
     payload = util.load_checkpoint(ckpt_path) if ckpt_path else None
 
-    util.seed_everything(opt.seed)
+    util.seed_everything(opt.seed)  # same seed on every rank: identical initial weights
     geometry = build_geometry(os.path.join(opt.data_root, "intrinsics.txt"), opt.grid_dim, opt.near_plane, device)
-    trainer = Trainer(opt, device)
+    trainer = Trainer(opt, device, dist_ctx)
     model, discriminator = trainer.model, trainer.discriminator
     optimizer_g, optimizer_d = trainer.optimizer_g, trainer.optimizer_d
 
     dataset = dataio.NovelViewTriplets(root_dir=opt.data_root, img_size=opt.img_sidelength,
                                        sampling_pattern=opt.sampling_pattern, num_trgt=opt.num_trgt)
     num_views = len(dataset)
-    step, epoch, epoch_pos = opt.start_epoch * num_views, opt.start_epoch, 0
+    steps_per_epoch = math.ceil(num_views / dist_ctx.world)
+    step, epoch, epoch_pos = opt.start_epoch * steps_per_epoch, opt.start_epoch, 0
     best_psnr = -math.inf
     if payload is not None:
         check_compatible(ckpt_path, payload["model"], opt)
@@ -444,33 +545,42 @@ def train(opt: Any, device: torch.device) -> str:
             optimizer_d.load_state_dict(payload["optimizer_d"])
             step, epoch, epoch_pos = int(payload["step"]), int(payload["epoch"]), int(payload["epoch_pos"])
             best_psnr = float(payload.get("best_psnr", best_psnr))
-            if "rng" in payload:
+            if "rng" in payload and not dist_ctx.enabled:
                 util.set_rng_state(payload["rng"])
             log.info("restored %s: step %d, epoch %d (+%d views)", ckpt_path, step, epoch, epoch_pos)
         else:
             log.info("loaded weights from %s (original format: optimizers start fresh)", ckpt_path)
+    if dist_ctx.enabled:
+        # Each rank draws its own triplets and dropout masks; resumed runs continue a fresh stream.
+        np.random.seed([opt.seed, dist_ctx.rank, step])
+        torch.manual_seed(int(np.random.randint(2 ** 31)))
 
-    if resume_path:
-        log_dir = os.path.dirname(resume_path)
-        run_dir = log_dir.replace(os.path.join(opt.logging_root, "logs"), os.path.join(opt.logging_root, "runs"), 1)
-    else:
-        name = run_folder_name(opt, datetime.datetime.now())
-        log_dir = os.path.join(opt.logging_root, "logs", name)
-        run_dir = os.path.join(opt.logging_root, "runs", name)
-    os.makedirs(log_dir, exist_ok=True)
-    os.makedirs(run_dir, exist_ok=True)
+    log_dir = run_dir = ""
+    writer = validator = None
     config = plain_config(opt)
-    with open(os.path.join(log_dir, "params.txt"), "w") as handle:
-        handle.write("\n".join(f"{k}: {v}" for k, v in config.items()))
-    with open(os.path.join(log_dir, "config.json"), "w") as handle:
-        json.dump(config, handle, indent=1)
-    writer = SummaryWriter(run_dir)
+    if main_rank:
+        if resume_path:
+            log_dir = os.path.dirname(resume_path)
+            run_dir = log_dir.replace(os.path.join(opt.logging_root, "logs"),
+                                      os.path.join(opt.logging_root, "runs"), 1)
+        else:
+            name = run_folder_name(opt, datetime.datetime.now())
+            log_dir = os.path.join(opt.logging_root, "logs", name)
+            run_dir = os.path.join(opt.logging_root, "runs", name)
+        os.makedirs(log_dir, exist_ok=True)
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(log_dir, "params.txt"), "w") as handle:
+            handle.write("\n".join(f"{k}: {v}" for k, v in config.items()))
+        with open(os.path.join(log_dir, "config.json"), "w") as handle:
+            json.dump(config, handle, indent=1)
+        from tensorboardX import SummaryWriter
+        writer = SummaryWriter(run_dir)
+        validator = Validator.create(opt, geometry, device)
+        log.info("generator %s params, discriminator %s params, %d views, near plane %.4f, voxel %.4f, "
+                 "device %s, %d process(es)", f"{util.count_parameters(model):,}",
+                 f"{util.count_parameters(discriminator):,}", num_views, geometry.near_plane, geometry.voxel_size,
+                 device, dist_ctx.world)
     mappings = MappingCache(geometry, device)
-    validator = Validator.create(opt, geometry, device)
-
-    log.info("generator %s params, discriminator %s params, %d views, near plane %.4f, voxel %.4f, device %s",
-             f"{util.count_parameters(model):,}", f"{util.count_parameters(discriminator):,}", num_views,
-             geometry.near_plane, geometry.voxel_size, device)
 
     def checkpoint_payload() -> dict[str, Any]:
         return {"model": model.state_dict(), "discriminator": discriminator.state_dict(),
@@ -479,6 +589,8 @@ def train(opt: Any, device: torch.device) -> str:
                 "rng": util.get_rng_state(), "config": config}
 
     def save(reason: str) -> str:
+        if not main_rank:
+            return ""
         path = os.path.join(log_dir, f"model-epoch_{epoch}_iter_{step}.pth")
         util.save_checkpoint(path, checkpoint_payload())
         if opt.keep_checkpoints > 0:
@@ -492,22 +604,36 @@ def train(opt: Any, device: torch.device) -> str:
     def request_stop(signum, _frame):
         stop["signal"] = signum
 
+    def stop_requested() -> bool:
+        flag = stop["signal"] is not None
+        if dist_ctx.enabled:  # every rank stops at the same step, or the collectives would hang
+            import torch.distributed as dist
+            t = torch.tensor([int(flag)], device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+        return flag
+
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     skipped = 0
     trainer.train_mode()
     from tqdm import tqdm
-    total = opt.max_steps if opt.max_steps else opt.max_epoch * num_views
-    bar = tqdm(total=total, initial=min(step, total), desc="train", dynamic_ncols=True, disable=None)
+    total = opt.max_steps if opt.max_steps else opt.max_epoch * steps_per_epoch
+    bar = tqdm(total=total, initial=min(step, total), desc="train", dynamic_ncols=True,
+               disable=None if main_rank else True)
     try:
         while epoch < opt.max_epoch and not (opt.max_steps and step >= opt.max_steps):
-            order = _epoch_order(opt.seed, epoch, num_views)
+            # One shared shuffle per epoch; rank r takes every world-th view of it (a distributed sampler).
+            order = _epoch_order(opt.seed, epoch, num_views)[dist_ctx.rank::dist_ctx.world]
             for trgt_views, nearest_view in _iterate(dataset, order[epoch_pos:], opt.num_workers):
-                if stop["signal"] is not None:
+                if stop_requested():
                     raise _StopRequested()
                 try:
                     lift_idx, lift_coords = mappings.lift(nearest_view["pose"])
                     proj = [mappings.project(view["pose"]) for view in trgt_views]
                 except EmptyFrustumError as err:
+                    if dist_ctx.enabled:
+                        raise EmptyFrustumError(f"rank {dist_ctx.rank}: {err} (a skipped triplet would "
+                                                f"desynchronise the ranks; fix the pose or the grid)") from None
                     skipped += 1
                     log.warning("skipping a training triplet (%d so far): %s", skipped, err)
                     epoch_pos += 1
@@ -519,13 +645,15 @@ def train(opt: Any, device: torch.device) -> str:
                         [v["gt_rgb"].to(device)[None] for v in trgt_views])
                 except FloatingPointError as err:
                     raise FloatingPointError(f"step {step}: {err}") from None
-                metric_depths = [(d + 0.5) * int(np.ceil(np.sqrt(3) * opt.grid_dim)) * geometry.voxel_size
-                                 + geometry.near_plane for d in depths]
-                write_summaries(writer, step, opt, losses, outputs, targets, metric_depths, nearest_rgb, model,
-                                optimizer_g.param_groups[0]["lr"])
-                bar.set_postfix(epoch=epoch, loss_g=f"{losses['gen_loss_total']:.3f}",
-                                loss_d=f"{losses['discrim_loss']:.3f}", refresh=False)
-                bar.update(1)
+                trainer.average_buffers()
+                if main_rank:
+                    metric_depths = [(d + 0.5) * int(np.ceil(np.sqrt(3) * opt.grid_dim)) * geometry.voxel_size
+                                     + geometry.near_plane for d in depths]
+                    write_summaries(writer, step, opt, losses, outputs, targets, metric_depths, nearest_rgb,
+                                    model, optimizer_g.param_groups[0]["lr"])
+                    bar.set_postfix(epoch=epoch, loss_g=f"{losses['gen_loss_total']:.3f}",
+                                    loss_d=f"{losses['discrim_loss']:.3f}", refresh=False)
+                    bar.update(1)
                 step += 1
                 epoch_pos += 1
                 if step % opt.checkpoint_every == 0:
@@ -540,25 +668,27 @@ def train(opt: Any, device: torch.device) -> str:
                 continue
             break
     except _StopRequested:
-        path = save(f"signal {stop['signal']}")
-        log.info("stopped by signal %s at step %d; resume with --resume", stop["signal"], step)
-        return log_dir
+        save(f"signal {stop['signal']}")
+        log.info("stopped by signal %s at step %d; continue with --resume", stop["signal"], step)
+        return TrainResult(log_dir, trainer, step)
     except FloatingPointError as err:
         path = save("last good state before a non-finite loss")
-        raise RuntimeError(f"{err}; saved the last good state to {path}") from err
+        raise NonFiniteLossError(f"{err}; the last good state is in {path or 'rank 0 checkpoint'}") from err
     finally:
         bar.close()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        writer.flush()
+        for s_, handler in previous.items():
+            signal.signal(s_, handler)
+        if writer is not None:
+            writer.flush()
     if skipped:
         log.warning("%d training triplets were skipped because a camera saw none of the grid", skipped)
     if step % opt.checkpoint_every:
         save("end of training")
     if validator is not None and not (opt.val_every and step % opt.val_every == 0):
-        best_psnr = validator.run(model, writer, step, best_psnr, checkpoint_payload, log_dir)
-    writer.close()
-    return log_dir
+        validator.run(model, writer, step, best_psnr, checkpoint_payload, log_dir)
+    if writer is not None:
+        writer.close()
+    return TrainResult(log_dir, trainer, step)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -770,7 +900,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=getattr(logging, str(opt.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
-        device = util.resolve_device(opt.device)
+        dist_ctx, device = setup_distributed(opt)
+        if not dist_ctx.is_main:
+            logging.getLogger().setLevel(logging.WARNING)
         if not os.path.isdir(opt.data_root):
             raise data_util.DataError(f"--data_root {opt.data_root}: no such folder")
         if opt.compile or opt.amp != "off":
@@ -778,18 +910,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         if opt.train_test == "train":
-            log_dir = train(opt, device)
-            print(f"checkpoints and logs: {log_dir}")
+            result = train(opt, device, dist_ctx)
+            if dist_ctx.is_main:
+                print(f"checkpoints and logs: {result.log_dir}")
         else:
             test(opt, device)
     except (data_util.DataError, util.CheckpointError, UsageError, EmptyFrustumError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except RuntimeError as err:
-        if "non-finite loss" in str(err):
-            print(f"error: {err}", file=sys.stderr)
-            return 3
-        raise
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 
