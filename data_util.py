@@ -12,7 +12,7 @@ Conventions used throughout this module:
 * Images in memory are HxWxC RGB (never BGR); network inputs are float32 (3, S, S) in [-0.5, 0.5].
 
 Run ``python data_util.py --help`` for the dataset tools (synthetic scenes, spiral and interpolated
-test trajectories, COLMAP import).
+test trajectories, COLMAP import, the nearest-neighbour baseline).
 """
 from __future__ import annotations
 
@@ -435,13 +435,25 @@ def archimedean_spiral_poses(radius: float, num_views: int, target: Sequence[flo
     return np.stack([look_at(p, target, up) for p in positions], axis=0)
 
 
+def _nearest_rotation(matrix: np.ndarray) -> np.ndarray:
+    """The rotation closest to a (3, 3) matrix in the Frobenius norm (polar factor from the SVD)."""
+    u, _, vt = np.linalg.svd(matrix)
+    flip = np.sign(np.linalg.det(u @ vt))  # -1 would be a reflection
+    return u @ np.diag([1.0, 1.0, flip]) @ vt
+
+
 def interpolate_poses(pose_a: np.ndarray, pose_b: np.ndarray, num_steps: int) -> np.ndarray:
-    """(num_steps, 4, 4) linear blends from pose_a to pose_b, rotation columns renormalised to unit length."""
+    """(num_steps, 4, 4) cam2world poses blended linearly from pose_a to pose_b.
+
+    Camera centres move on the straight line. Rotations are the original's linear blend, replaced by
+    the nearest rotation: the original only rescaled the columns to unit length, which leaves them
+    non-orthogonal between the endpoints, and load_pose (so test mode) rejects such poses.
+    """
     pose_a, pose_b = np.asarray(pose_a), np.asarray(pose_b)
     poses = []
     for w in np.linspace(0.0, 1.0, num_steps):
         pose = (1.0 - w) * pose_a + w * pose_b
-        pose[:3, :3] /= np.linalg.norm(pose[:3, :3], axis=0, keepdims=True)
+        pose[:3, :3] = _nearest_rotation(pose[:3, :3])
         poses.append(pose)
     return np.stack(poses, axis=0)
 
@@ -776,6 +788,107 @@ def make_synthetic_dataset(out_root: PathLike, object_name: str, resolution: int
 
 
 # ---------------------------------------------------------------------------------------------
+# Nearest-neighbour baseline
+# ---------------------------------------------------------------------------------------------
+
+
+def nearest_training_views(train_poses: Sequence[np.ndarray], query_poses: Sequence[np.ndarray]) -> np.ndarray:
+    """For each query pose, the index of the training pose with the most similar viewing direction.
+
+    Similarity is the cosine of the angle between the cam2world[:3, 2] axes (the camera's +z,
+    forward), the measure get_nn_ranking and the training loader use. The original's separate
+    get_nearest_neighbors_pose compared normalised camera *positions* instead; for cameras that
+    look at the object centre the two agree, and the viewing direction also covers cameras that do
+    not. Ties go to the lowest training index. Returns (num_query,) int indices.
+    """
+    def unit_z(poses: Sequence[np.ndarray]) -> np.ndarray:
+        dirs = np.stack([np.asarray(p, dtype=np.float64)[:3, 2] for p in poses], axis=0)
+        return dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
+
+    cos_sim = unit_z(query_poses) @ unit_z(train_poses).T  # (num_query, num_train)
+    return np.argmax(cos_sim, axis=1)
+
+
+def nn_baseline(train_root: PathLike, test_root: PathLike, sidelength: int, use_lpips: bool = True
+                ) -> tuple[list[dict], dict]:
+    """Score the nearest-neighbour baseline: each test view "rendered" as its nearest training image.
+
+    Both images go through the same conversions and the same crop as run_deepvoxels' test mode
+    (load_rgb at sidelength, +0.5 to [0, 1], metrics.crop_border, metrics.psnr / ssim / LPIPS when
+    available), so the numbers compare directly with a trained model's metrics.json.
+
+    Returns (rows, means): rows are {'view', 'pose_file', 'nn_file', 'psnr', 'ssim'[, 'lpips']} per
+    test view; means holds 'psnr', 'ssim'[, 'lpips'] and 'num_views'.
+    Raises DataError when a folder lacks rgb/ or pose/, or the test folder has no images to score.
+    """
+    import metrics
+
+    def views(root: PathLike, what: str) -> tuple[list[str], list[str]]:
+        root = os.fspath(root)
+        images = glob_imgs(os.path.join(root, "rgb"))
+        poses = list_poses(os.path.join(root, "pose"))
+        if not images or not poses:
+            raise DataError(f"{what} folder {root}: expected images in rgb/ and poses in pose/, "
+                            f"found {len(images)} images and {len(poses)} poses")
+        if len(images) != len(poses):
+            raise DataError(f"{what} folder {root}: expected as many images as poses, "
+                            f"found {len(images)} images and {len(poses)} poses")
+        return images, poses
+
+    train_images, train_pose_paths = views(train_root, "training")
+    test_images, test_pose_paths = views(test_root, "test")
+    nearest = nearest_training_views([load_pose(p) for p in train_pose_paths],
+                                     [load_pose(p) for p in test_pose_paths])
+
+    def unit_rgb(path: str) -> np.ndarray:
+        # (3, S, S) in [-0.5, 0.5] -> cropped (S', S', 3) in [0, 1], exactly as test mode treats ground truth.
+        return metrics.crop_border(load_rgb(path, sidelength).transpose(1, 2, 0)) + 0.5
+
+    lpips_scorer = metrics.LpipsScorer() if use_lpips else None
+    train_cache: dict[int, np.ndarray] = {}
+    rows = []
+    for view, (image_path, pose_path) in enumerate(zip(test_images, test_pose_paths)):
+        k = int(nearest[view])
+        if k not in train_cache:
+            train_cache[k] = unit_rgb(train_images[k])
+        pred, gt = train_cache[k], unit_rgb(image_path)
+        row = {"view": view, "pose_file": os.path.basename(pose_path), "nn_file": os.path.basename(train_images[k]),
+               "psnr": metrics.psnr(pred, gt), "ssim": metrics.ssim(pred, gt)}
+        if lpips_scorer is not None and lpips_scorer.available:
+            row["lpips"] = lpips_scorer(pred, gt)
+        rows.append(row)
+    means = {key: float(np.mean([r[key] for r in rows])) for key in ("psnr", "ssim", "lpips") if key in rows[0]}
+    means["num_views"] = len(rows)
+    return rows, means
+
+
+def write_metrics(out_dir: PathLike, rows: list[dict], summary: dict) -> tuple[str, str]:
+    """Write rows as out_dir/metrics.csv and summary as out_dir/metrics.json (test mode's layout)."""
+    import csv
+    import json
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path = os.path.join(os.fspath(out_dir), "metrics.csv")
+    json_path = os.path.join(os.fspath(out_dir), "metrics.json")
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(json_path, "w") as handle:
+        json.dump(summary, handle, indent=1)
+    return csv_path, json_path
+
+
+def run_nn_baseline(train_root: PathLike, test_root: PathLike, sidelength: int, out_dir: PathLike) -> dict:
+    """nn_baseline plus its files (metrics.csv, metrics.json in out_dir); returns the metrics.json content."""
+    rows, means = nn_baseline(train_root, test_root, sidelength)
+    summary = {"method": "nearest training view by viewing direction (cosine of cam2world[:3, 2])",
+               **means, "train_root": os.path.abspath(train_root), "test_root": os.path.abspath(test_root),
+               "img_sidelength": int(sidelength), "out_dir": os.path.abspath(out_dir)}
+    write_metrics(out_dir, rows, summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
@@ -805,6 +918,14 @@ def _build_parser() -> argparse.ArgumentParser:
     interp.add_argument("--num_samples", type=int, default=10, help="number of interpolated segments")
     interp.add_argument("--num_steps", type=int, default=100, help="poses per segment")
     interp.add_argument("--seed", type=int, default=0, help="random seed for the pose choice")
+
+    baseline = sub.add_parser("nn_baseline", help="score the nearest training view for each test pose "
+                                                  "(metrics as in test mode)")
+    baseline.add_argument("--train_root", required=True, help="training object folder (rgb/, pose/)")
+    baseline.add_argument("--test_root", required=True, help="test object folder with ground truth (rgb/, pose/)")
+    baseline.add_argument("--img_sidelength", type=int, default=512,
+                          help="side in pixels the images are scored at (as run_deepvoxels --img_sidelength)")
+    baseline.add_argument("--out", default="", help="output folder (default: nn_baseline/<test object>)")
 
     sub.add_parser("from_colmap", help="convert a COLMAP reconstruction (arguments go to colmap_import)",
                    add_help=False)
@@ -845,6 +966,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             paths = interpolate_training_poses(args.train_pose_dir, args.out, args.num_samples,
                                                args.num_steps, args.seed)
             print(f"wrote {len(paths)} interpolated poses to {args.out}")
+        elif args.command == "nn_baseline":
+            _positive("img_sidelength", args.img_sidelength)
+            out = args.out or os.path.join("nn_baseline", os.path.basename(os.path.normpath(args.test_root)))
+            summary = run_nn_baseline(args.train_root, args.test_root, args.img_sidelength, out)
+            line = f"baseline PSNR {summary['psnr']:.2f} dB  SSIM {summary['ssim']:.4f}"
+            if "lpips" in summary:
+                line += f"  LPIPS {summary['lpips']:.4f}"
+            print(line + f"  over {summary['num_views']} views ({out}: metrics.csv, metrics.json)")
     except (DataError, ValueError, OSError) as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2

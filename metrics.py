@@ -1,6 +1,7 @@
 """Image quality metrics used by test mode, validation and the nearest-neighbour baseline.
 
-All functions take images as float arrays (H, W, 3) in [0, 1], already cropped the same way.
+All scores take images as float arrays (H, W, 3) in [0, 1], cropped by ``crop_border`` first, so that
+every number this project reports (test mode, validation, baseline) is computed the same way.
 """
 from __future__ import annotations
 
@@ -11,11 +12,21 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+# Pixels left out on every side before scoring: the original cropped 5 px from its test renders
+# ("boundary errors"). Equal to run_deepvoxels.BORDER, which also crops the training loss.
+EVAL_BORDER = 5
+
+
+def crop_border(img: np.ndarray, border: int = EVAL_BORDER) -> np.ndarray:
+    """(H, W, ...) -> (H - 2 border, W - 2 border, ...)."""
+    return img[border:-border, border:-border] if border > 0 else img
+
 
 def psnr(pred: np.ndarray, target: np.ndarray) -> float:
-    """Peak signal-to-noise ratio in dB for data range 1."""
+    """Peak signal-to-noise ratio in dB for data range 1; inf for identical images."""
     from skimage.metrics import peak_signal_noise_ratio
-    return float(peak_signal_noise_ratio(target.astype(np.float64), pred.astype(np.float64), data_range=1.0))
+    with np.errstate(divide="ignore"):  # identical images: log10(1 / 0) = inf, which is the right answer
+        return float(peak_signal_noise_ratio(target.astype(np.float64), pred.astype(np.float64), data_range=1.0))
 
 
 def ssim(pred: np.ndarray, target: np.ndarray) -> float:
@@ -50,6 +61,7 @@ class LpipsScorer:
         torch = self._torch
 
         def to_tensor(img: np.ndarray):
+            # LPIPS expects (1, 3, H, W) in [-1, 1].
             return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None].float() * 2 - 1
 
         with torch.no_grad():
