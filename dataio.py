@@ -81,7 +81,7 @@ class NovelViewTriplets(Dataset):
             {"gt_rgb": torch.from_numpy(data_util.load_rgb(img_path, self.img_size)),
              "pose": torch.from_numpy(data_util.load_pose(pose_path))}
             for img_path, pose_path in tqdm(list(zip(self.image_paths, self.pose_paths)),
-                                            desc="loading views", leave=False)
+                                            desc="loading views", leave=False, disable=None)
         ]
         self.nn_idcs, _ = data_util.get_nn_ranking([v["pose"].numpy() for v in self.all_views])
         logger.info("%s: %d views at %d px, sampling pattern %s", self.root_dir, len(self),
@@ -123,7 +123,7 @@ class TestDataset(Dataset):
                             f"{len(self.image_paths)} images in rgb/ and {len(self.pose_paths)} poses in pose/")
         self.has_gt = bool(self.image_paths)
         self.images = [torch.from_numpy(data_util.load_rgb(p, self.img_size))
-                       for p in tqdm(self.image_paths, desc="loading test images", leave=False)]
+                       for p in tqdm(self.image_paths, desc="loading test images", leave=False, disable=None)]
         logger.info("%s: %d test poses%s", self.root_dir, len(self),
                     " with ground truth" if self.has_gt else "")
 

@@ -885,7 +885,7 @@ def write_video(stem: str, frames: list[np.ndarray], fps: int = 24) -> str:
         return stem + ".mp4"
     except Exception as err:  # no ffmpeg binary or codec
         log.info("MP4 unavailable (%s); writing a GIF", str(err).splitlines()[0] if str(err) else err)
-        imageio.mimwrite(stem + ".gif", eight_bit, duration=1.0 / fps)
+        imageio.mimwrite(stem + ".gif", eight_bit, duration=1000.0 / fps)  # imageio takes GIF frame durations in ms
         return stem + ".gif"
 
 

@@ -1,0 +1,287 @@
+"""Exact resume, safe checkpoints, signals, and a one-line refusal for every bad input."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import data_util
+import run_deepvoxels
+import util
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--img_sidelength", "128", "--grid_dim", "8", "--num_grid_feats", "4", "--nf0", "4", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reliability_data")
+    data_util.make_synthetic_dataset(str(root), "cube", resolution=128, num_train=6, num_val=2, num_test=2, seed=3)
+    return root
+
+
+def _train_argv(data_root, logs, *extra):
+    return ["--train_test", "train", "--data_root", str(data_root), "--logging_root", str(logs), *TINY, *extra]
+
+
+def _final_state(logs):
+    path = run_deepvoxels.newest_checkpoint(str(logs))
+    return torch.load(path, weights_only=True), path
+
+
+def test_stop_and_resume_gives_the_same_weights(data, tmp_path):
+    train_root = data / "train" / "cube"
+    assert run_deepvoxels.main(_train_argv(train_root, tmp_path / "straight", "--max_steps", "12")) == 0
+    assert run_deepvoxels.main(_train_argv(train_root, tmp_path / "split", "--max_steps", "6")) == 0
+    half, _ = _final_state(tmp_path / "split")
+    assert half["step"] == 6
+    assert run_deepvoxels.main(_train_argv(train_root, tmp_path / "split", "--max_steps", "12", "--resume")) == 0
+    straight, _ = _final_state(tmp_path / "straight")
+    resumed, resumed_path = _final_state(tmp_path / "split")
+    assert straight["step"] == resumed["step"] == 12
+    # Resumed in the same run folder.
+    assert os.path.dirname(resumed_path) == os.path.dirname(run_deepvoxels.list_checkpoints(
+        os.path.dirname(resumed_path))[0][1])
+    for net in ("model", "discriminator"):
+        for key, value in straight[net].items():
+            if value.is_floating_point():
+                torch.testing.assert_close(resumed[net][key], value, atol=1e-6, rtol=0, msg=f"{net}.{key}")
+            else:
+                assert torch.equal(resumed[net][key], value), key
+    assert not torch.equal(half["model"]["deepvoxels"], straight["model"]["deepvoxels"])
+
+
+def test_original_checkpoint_in_train_mode_restores_weights_only(data, tmp_path, caplog):
+    """--checkpoint with an original-format file (model + discriminator only) starts optimizers afresh."""
+    opt = run_deepvoxels.parse_args(_train_argv(data / "train" / "cube", tmp_path, "--max_steps", "1"))
+    trainer = run_deepvoxels.Trainer(opt, torch.device("cpu"))
+    original = tmp_path / "original.pth"
+    torch.save({"model": trainer.model.state_dict(), "discriminator": trainer.discriminator.state_dict()}, original)
+    with caplog.at_level("INFO"):
+        code = run_deepvoxels.main(_train_argv(data / "train" / "cube", tmp_path / "logs", "--max_steps", "1",
+                                               "--checkpoint", str(original)))
+    assert code == 0
+    assert "original format" in caplog.text
+    payload, _ = _final_state(tmp_path / "logs")
+    assert payload["step"] == 1
+
+
+def test_keep_newest_checkpoints_and_best(data, tmp_path):
+    code = run_deepvoxels.main(_train_argv(data / "train" / "cube", tmp_path, "--max_steps", "4",
+                                           "--checkpoint_every", "1", "--keep_checkpoints", "2", "--val_every", "2"))
+    assert code == 0
+    payload, path = _final_state(tmp_path)
+    folder = os.path.dirname(path)
+    assert [step for step, _ in run_deepvoxels.list_checkpoints(folder)] == [3, 4]
+    best = torch.load(os.path.join(folder, "best.pth"), weights_only=True)
+    assert np.isfinite(best["best_psnr"])
+    assert not [f for f in os.listdir(folder) if f.startswith(".tmp_")]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data, tmp_path):
+    logs = tmp_path / "logs"
+    cmd = [sys.executable, os.path.join(REPO, "run_deepvoxels.py"),
+           *_train_argv(data / "train" / "cube", logs, "--max_steps", "100000", "--val_every", "0")]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    runs = logs / "runs"
+    # Wait until training has logged a few scalars, then ask it to stop.
+    while time.time() < deadline:
+        events = list(runs.rglob("events.out.tfevents.*")) if runs.exists() else []
+        if events and events[0].stat().st_size > 2000:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out
+    payload, _ = _final_state(logs)
+    assert payload["step"] >= 1
+    assert "stopped by signal" in out
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pth")
+    util.save_checkpoint(path, {"model": {"w": torch.ones(3)}})
+
+    def broken_save(obj, handle, *args, **kwargs):
+        handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        util.save_checkpoint(path, {"model": {"w": torch.zeros(3)}})
+    monkeypatch.undo()
+    assert torch.equal(util.load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["ckpt.pth"]
+
+
+class _RunsCode:
+    """Unpickling this would create a folder: a stand-in for a checkpoint that runs code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.makedirs, (self.marker,)
+
+
+def test_checkpoint_that_runs_code_is_refused(tmp_path, capsys, data):
+    marker = str(tmp_path / "code_ran")
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {"x": _RunsCode(marker)}}, evil)
+    with pytest.raises(util.CheckpointError, match="weights_only"):
+        util.load_checkpoint(str(evil))
+    code = run_deepvoxels.main(["--train_test", "test", "--data_root", str(data / "test" / "cube"),
+                                "--logging_root", str(tmp_path), "--checkpoint", str(evil), *TINY])
+    assert code == 2
+    assert not os.path.exists(marker)
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoint") and err.count("\n") == 1
+
+
+def _copy(data, tmp_path, split="train"):
+    dst = tmp_path / split / "cube"
+    shutil.copytree(data / split / "cube", dst)
+    return dst
+
+
+def _mutate_missing_rgb(root):
+    shutil.rmtree(root / "rgb")
+
+
+def _mutate_missing_pose(root):
+    shutil.rmtree(root / "pose")
+
+
+def _mutate_count(root):
+    os.remove(sorted((root / "pose").iterdir())[0])
+
+
+def _mutate_pose_values(root):
+    (sorted((root / "pose").iterdir())[1]).write_text("1 0 0\n0 1 0\n")
+
+
+def _mutate_pose_text(root):
+    (sorted((root / "pose").iterdir())[1]).write_text("1 0 0 0\n0 one 0 0\n0 0 1 0\n0 0 0 1\n")
+
+
+def _mutate_pose_singular(root):
+    (sorted((root / "pose").iterdir())[1]).write_text("1 0 0 0\n1 0 0 0\n0 0 1 1\n0 0 0 1\n")
+
+
+def _mutate_intrinsics_missing(root):
+    os.remove(root / "intrinsics.txt")
+
+
+def _mutate_intrinsics_malformed(root):
+    (root / "intrinsics.txt").write_text("179.2 64.0\n0 0 0\n")
+
+
+def _mutate_image(root):
+    (sorted((root / "rgb").iterdir())[2]).write_bytes(b"not a png at all")
+
+
+BAD_DATA = [
+    (_mutate_missing_rgb, "rgb"),
+    (_mutate_missing_pose, "pose"),
+    (_mutate_count, "5"),
+    (_mutate_pose_values, "000001.txt"),
+    (_mutate_pose_text, "000001.txt"),
+    (_mutate_pose_singular, "000001.txt"),
+    (_mutate_intrinsics_missing, "intrinsics.txt"),
+    (_mutate_intrinsics_malformed, "intrinsics.txt"),
+    (_mutate_image, "000002.png"),
+]
+
+
+@pytest.mark.parametrize("mutate,culprit", BAD_DATA, ids=[m.__name__[8:] for m, _ in BAD_DATA])
+def test_bad_dataset_gets_one_line_naming_the_culprit(data, tmp_path, capsys, mutate, culprit):
+    root = _copy(data, tmp_path)
+    mutate(root)
+    code = run_deepvoxels.main(_train_argv(root, tmp_path / "logs", "--max_steps", "1"))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert culprit in err
+    assert "Traceback" not in err
+
+
+def test_missing_data_root(tmp_path, capsys):
+    assert run_deepvoxels.main(_train_argv(tmp_path / "nowhere", tmp_path / "logs")) == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("flags,culprit", [
+    (["--train_test", "evaluate"], "--train_test"),
+    (["--train_test", "train", "--img_sidelength", "100"], "128, 256, 512"),
+    (["--train_test", "train", "--grid_dim", "10"], "--grid_dim"),
+    (["--train_test", "train", "--sampling_pattern", "every_other"], "--sampling_pattern"),
+])
+def test_bad_flags(tmp_path, capsys, flags, culprit):
+    argv = ["--data_root", str(tmp_path), "--logging_root", str(tmp_path), "--device", "cpu"] + flags
+    assert run_deepvoxels.main(argv) == 2
+    err = capsys.readouterr().err
+    assert culprit in err and err.count("\n") == 1
+
+
+def _test_argv(data, tmp_path, ckpt, *extra):
+    return ["--train_test", "test", "--data_root", str(data / "test" / "cube"), "--logging_root",
+            str(tmp_path / "logs"), "--checkpoint", str(ckpt), *TINY, *extra]
+
+
+def test_checkpoint_missing_corrupt_or_from_another_configuration(data, tmp_path, capsys, reference_dir):
+    assert run_deepvoxels.main(_test_argv(data, tmp_path, tmp_path / "none.pth")) == 2
+    assert "no such file" in capsys.readouterr().err
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(os.urandom(2000))
+    assert run_deepvoxels.main(_test_argv(data, tmp_path, corrupt)) == 2
+    assert "corrupt.pth" in capsys.readouterr().err
+    small = os.path.join(reference_dir, "small_ckpt.pth")  # grid 16, 8 features, nf0 8
+    assert run_deepvoxels.main(_test_argv(data, tmp_path, small)) == 2
+    err = capsys.readouterr().err
+    assert "grid_dim 16 in the checkpoint, 8 given" in err
+    assert "num_grid_feats 8 in the checkpoint, 4 given" in err and err.count("\n") == 1
+
+
+def _pose_away_from_grid():
+    """Camera at (0, 0, 3) looking further along +z: the grid at the origin is behind it."""
+    return data_util.look_at((0.0, 0.0, 3.0), target=(0.0, 0.0, 6.0), up=(0.0, 1.0, 0.0))
+
+
+def test_empty_frustum_is_a_counted_warning_in_training(data, tmp_path, caplog):
+    root = _copy(data, tmp_path)
+    data_util.write_pose(sorted((root / "pose").iterdir())[0], _pose_away_from_grid())
+    with caplog.at_level("WARNING"):
+        code = run_deepvoxels.main(_train_argv(root, tmp_path / "logs", "--max_steps", "6", "--val_every", "0"))
+    assert code == 0
+    assert "skipping a training triplet (1 so far)" in caplog.text
+    assert "training triplets were skipped" in caplog.text
+
+
+def test_empty_frustum_is_an_error_in_test_mode(data, tmp_path, capsys):
+    assert run_deepvoxels.main(_train_argv(data / "train" / "cube", tmp_path / "logs", "--max_steps", "1")) == 0
+    ckpt = run_deepvoxels.newest_checkpoint(str(tmp_path / "logs"))
+    root = _copy(data, tmp_path, "test")
+    data_util.write_pose(sorted((root / "pose").iterdir())[1], _pose_away_from_grid())
+    code = run_deepvoxels.main(["--train_test", "test", "--data_root", str(root), "--logging_root",
+                                str(tmp_path / "logs"), "--checkpoint", ckpt, *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and "view 1" in err and err.count("\n") == 1
+
+
+def test_non_finite_loss_stops_with_a_checkpoint(data, tmp_path, capsys):
+    code = run_deepvoxels.main(_train_argv(data / "train" / "cube", tmp_path / "logs", "--max_steps", "5",
+                                           "--l1_weight", "nan"))
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "non-finite loss" in err and "last good state" in err and err.count("\n") == 1
+    payload, _ = _final_state(tmp_path / "logs")
+    assert payload["step"] == 0
+    assert all(torch.isfinite(v).all() for v in payload["model"].values() if v.is_floating_point())
