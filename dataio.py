@@ -37,6 +37,21 @@ def _apply_sampling_pattern(paths: list[str], sampling_pattern: str) -> list[str
     return paths[::int(match.group(1)) + 1]
 
 
+def poses_are_world2cam(root_dir: str) -> bool:
+    """Line 6 of intrinsics.txt, when present and 1, says pose/ holds world-to-camera matrices."""
+    path = os.path.join(root_dir, "intrinsics.txt")
+    return os.path.isfile(path) and bool(data_util.parse_intrinsics(path, 1)[4])
+
+
+def load_cam2world(path: str, world2cam: bool) -> np.ndarray:
+    """A pose file as a float32 (4, 4) camera-to-world matrix, inverting world-to-camera files.
+
+    The original parsed the line-6 flag but never applied it; honouring it changes nothing for files without it.
+    """
+    pose = data_util.load_pose(path)
+    return np.linalg.inv(pose.astype(np.float64)).astype(np.float32) if world2cam else pose
+
+
 def _require_dir(path: str, what: str) -> None:
     if not os.path.isdir(path):
         raise DataError(f"{what} {path}: folder not found")
@@ -77,9 +92,10 @@ class NovelViewTriplets(Dataset):
             raise DataError(f"dataset {self.root_dir}: expected at least {MIN_TRAINING_VIEWS} views, "
                             f"found {len(self.image_paths)}")
 
+        world2cam = poses_are_world2cam(self.root_dir)
         self.all_views = [
             {"gt_rgb": torch.from_numpy(data_util.load_rgb(img_path, self.img_size)),
-             "pose": torch.from_numpy(data_util.load_pose(pose_path))}
+             "pose": torch.from_numpy(load_cam2world(pose_path, world2cam))}
             for img_path, pose_path in tqdm(list(zip(self.image_paths, self.pose_paths)),
                                             desc="loading views", leave=False, disable=None)
         ]
@@ -114,7 +130,8 @@ class TestDataset(Dataset):
         self.pose_paths = data_util.list_poses(pose_dir)
         if not self.pose_paths:
             raise DataError(f"pose folder {pose_dir}: expected *.txt pose files, found none")
-        self.poses = [torch.from_numpy(data_util.load_pose(p)) for p in self.pose_paths]
+        world2cam = poses_are_world2cam(self.root_dir)
+        self.poses = [torch.from_numpy(load_cam2world(p, world2cam)) for p in self.pose_paths]
 
         color_dir = os.path.join(self.root_dir, "rgb")
         self.image_paths = data_util.glob_imgs(color_dir)

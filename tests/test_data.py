@@ -443,3 +443,22 @@ def test_test_dataset_with_and_without_images(tmp_path):
         dataio.TestDataset(str(empty), 4)
     with pytest.raises(DataError, match="pose folder"):
         dataio.TestDataset(str(tmp_path / "nothing"), 4)
+
+
+def test_world2cam_flag_on_line_6_inverts_the_pose_files(tmp_path):
+    """intrinsics.txt line 6 = 1: pose/ holds world-to-camera matrices; the loaders return camera-to-world."""
+    root = tmp_path / "data"
+    data_util.make_synthetic_dataset(str(root), "cube", resolution=64, num_train=3, num_val=1, num_test=1, seed=0)
+    plain = root / "train" / "cube"
+    flipped = tmp_path / "flipped"
+    shutil.copytree(plain, flipped)
+    with open(flipped / "intrinsics.txt", "a") as handle:
+        handle.write("1\n")
+    for path in (flipped / "pose").iterdir():
+        data_util.write_pose(path, np.linalg.inv(data_util.load_pose(path).astype(np.float64)))
+    a = dataio.NovelViewTriplets(str(plain), 64)
+    b = dataio.NovelViewTriplets(str(flipped), 64)
+    for va, vb in zip(a.all_views, b.all_views):
+        np.testing.assert_allclose(vb["pose"].numpy(), va["pose"].numpy(), atol=1e-5)
+    np.testing.assert_array_equal(a.nn_idcs, b.nn_idcs)
+    assert dataio.TestDataset(str(flipped), 64).poses[0].allclose(a.all_views[0]["pose"], atol=1e-5)
