@@ -52,8 +52,12 @@ UsageError = util.UsageError
 # Command line
 # ----------------------------------------------------------------------------------------------------------
 
+class _HelpFormatter(configargparse.ArgumentDefaultsHelpFormatter, configargparse.RawDescriptionHelpFormatter):
+    """Defaults in the help, and the module docstring's command lines kept as written."""
+
+
 def build_parser() -> configargparse.ArgumentParser:
-    p = configargparse.ArgumentParser(description=__doc__, formatter_class=configargparse.ArgumentDefaultsHelpFormatter,
+    p = configargparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter,
                                       config_file_parser_class=configargparse.YAMLConfigFileParser)
     p.add_argument("--config", is_config_file=True, help="YAML file with flags (command line wins)")
     # The original's flags: same names, defaults and meaning.
