@@ -17,6 +17,10 @@ from torch import nn
 
 LEAKY_SLOPE = 0.2  # negative slope of every LeakyReLU in the down paths
 POST_CONV_DROPOUT = 0.1  # the original hard-codes this probability after an UpBlock's second convolution
+# ATen runs a CPU convolution through oneDNN only when batch * channels * (first spatial extent) * (second
+# spatial extent) exceeds this (aten/src/ATen/native/Convolution.cpp, ``use_mkldnn``), or for kernels wider
+# than 3, or batches above 1. Below it a 3D convolution takes the im2col "slow_conv3d" path, 3-4x slower.
+ONEDNN_MIN_SIZE = 20480
 
 
 def _same_padding(kernel_size: int) -> tuple[int, int]:
@@ -49,6 +53,44 @@ class Conv2dSame(nn.Module):
         return self.net(x)
 
 
+def _onednn_axis_order(x: torch.Tensor) -> tuple[int, int, int]:
+    """Spatial axes (2, 3, 4 of a 5-D tensor) reordered so that the two largest come first."""
+    return tuple(sorted((2, 3, 4), key=lambda axis: -x.shape[axis]))  # sorted() is stable: ties keep order
+
+
+class Conv3d(nn.Conv3d):
+    """``nn.Conv3d`` that reaches the oneDNN kernels on CPU for thin volumes with few channels.
+
+    Same parameters, state_dict keys and result (up to float rounding) as ``nn.Conv3d``. For a batch of one
+    with a 3^3 kernel, ATen picks its kernel from the first two spatial extents only (``ONEDNN_MIN_SIZE``);
+    the view volumes (C, 2G+2, 66, 66) with C <= 9 fall just below it. A convolution does not depend on the
+    order of the spatial axes, so the input and the kernel are permuted together (largest extents first) and
+    the output is permuted back; when that is not enough, one all-zero input channel (and zero kernel slice)
+    is appended, which adds nothing to any sum.
+    """
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dim() != 5 or self.padding_mode != "zeros" or self.groups != 1 \
+                or x.shape[0] > 1 or max(self.kernel_size) > 3 or isinstance(self.padding, str):
+            return super()._conv_forward(x, weight, bias)
+        order = _onednn_axis_order(x)
+        size = x.shape[0] * x.shape[1] * x.shape[order[0]] * x.shape[order[1]]
+        if size > ONEDNN_MIN_SIZE and order == (2, 3, 4):
+            return super()._conv_forward(x, weight, bias)
+        if size <= ONEDNN_MIN_SIZE:
+            extra = ONEDNN_MIN_SIZE // (x.shape[0] * x.shape[order[0]] * x.shape[order[1]]) + 1 - x.shape[1]
+            if extra > x.shape[1]:  # would more than double the work: the slow kernel is cheaper
+                return super()._conv_forward(x, weight, bias)
+            x = torch.cat([x, x.new_zeros(x.shape[0], extra, *x.shape[2:])], dim=1)
+            weight = torch.cat([weight, weight.new_zeros(weight.shape[0], extra, *weight.shape[2:])], dim=1)
+        axes = (0, 1, *order)
+        spatial = [o - 2 for o in order]
+        out = nn.functional.conv3d(x.permute(axes), weight.permute(axes), bias,
+                                   [self.stride[i] for i in spatial], [self.padding[i] for i in spatial],
+                                   [self.dilation[i] for i in spatial], 1)
+        return out.permute(0, 1, *[2 + order.index(axis) for axis in (2, 3, 4)]).contiguous()
+
+
 class Conv3dSame(nn.Module):
     """Stride-1 3D convolution with replication padding so that D, H and W are unchanged."""
 
@@ -58,7 +100,7 @@ class Conv3dSame(nn.Module):
         before, after = _same_padding(kernel_size)
         self.net = nn.Sequential(
             padding_layer((before, after, before, after, before, after)),
-            nn.Conv3d(in_channels, out_channels, kernel_size, bias=bias, stride=1),
+            Conv3d(in_channels, out_channels, kernel_size, bias=bias, stride=1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,336 @@
+"""Speed, FLOPs, utilisation and peak memory of one training iteration and of test rendering.
+
+    .venv/bin/python benchmarks/speed.py --img_sidelength 128 --grid_dim 16 --num_grid_feats 8 --nf0 8
+    .venv/bin/python benchmarks/speed.py --iters 3 --warmup 1            # default (512 px) setting
+    .venv/bin/python benchmarks/speed.py --iters 3 --amp bf16
+
+It runs exactly the code that training and testing run: ``run_deepvoxels.Trainer.step`` (forward with the
+input view, 2 target views, L1 + GAN losses, D step, G step) and ``run_deepvoxels.render_poses`` (inpaint
+once, batched views). Inputs are synthetic: the 6 reference poses (../shared/reference/pose_*.txt with
+small_intrinsics.txt) and seeded random images. Train and test each run in their own subprocess, so that
+each peak RSS (``ru_maxrss``) is its own. The last line printed is one JSON object.
+
+Definitions (as in the original's timings, ../shared/reference/timings_original_cpu.md):
+* train s/iter: median wall time of ``Trainer.step`` after ``--warmup`` untimed steps. Lifting and
+  projection indices come from ``MappingCache`` (training sees every pose again each epoch); their one-off
+  cost per pose is reported separately as ``mapping_s_per_pose``.
+* test s/view: median over ``--iters`` passes of (wall time of rendering all 6 poses) / 6, each pass with a
+  fresh ``MappingCache``, so it includes the projection indices and the once-per-pass inpainting, like the
+  span the original's ``test()`` timed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Optional, Sequence
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REFERENCE_DIR = os.path.join(REPO_ROOT, "..", "shared", "reference")
+NUM_POSES = 6  # pose_0.txt .. pose_5.txt in the reference folder
+MATMUL_SIDE = 2048  # square matmul used to measure the machine's peak (large enough to be compute bound)
+MATMUL_REPEATS = 5
+GIGA = 1e9
+MODEL_FLAGS = ("--img_sidelength", "--grid_dim", "--num_grid_feats", "--nf0", "--amp", "--device", "--view_batch")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # Model flags: passed through to run_deepvoxels.build_parser(), same names and defaults.
+    p.add_argument("--img_sidelength", type=int, default=512, help="image side in pixels")
+    p.add_argument("--grid_dim", type=int, default=32, help="voxels per grid side")
+    p.add_argument("--num_grid_feats", type=int, default=64, help="features per voxel")
+    p.add_argument("--nf0", type=int, default=64, help="features in the outermost U-Net layer")
+    p.add_argument("--no_occlusion_net", action="store_true", help="depth-collapse net instead of occlusion net")
+    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="autocast precision")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--view_batch", type=int, default=4, help="views per forward in test rendering")
+    # Benchmark flags.
+    p.add_argument("--iters", type=int, default=5, help="timed training iterations (and test passes)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed training iterations (and test passes) first")
+    p.add_argument("--only", choices=("both", "train", "test"), default="both", help="which part to run")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights and images")
+    p.add_argument("--save", default="", help="also write the final JSON to this file")
+    p.add_argument("--child", choices=("train", "test"), default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def model_options(args: argparse.Namespace, logging_root: str) -> Any:
+    """The run_deepvoxels options for ``args``, resolved by its own parser (so every default is the same)."""
+    import run_deepvoxels
+    argv = ["--train_test", "train", "--data_root", REFERENCE_DIR, "--logging_root", logging_root,
+            "--img_sidelength", str(args.img_sidelength), "--grid_dim", str(args.grid_dim),
+            "--num_grid_feats", str(args.num_grid_feats), "--nf0", str(args.nf0), "--amp", args.amp,
+            "--device", args.device, "--view_batch", str(args.view_batch), "--seed", str(args.seed)]
+    if args.no_occlusion_net:
+        argv.append("--no_occlusion_net")
+    if args.compile:
+        argv.append("--compile")
+    return run_deepvoxels.parse_args(argv)
+
+
+def load_poses() -> list:
+    import data_util
+    import torch
+    return [torch.as_tensor(data_util.load_pose(os.path.join(REFERENCE_DIR, f"pose_{i}.txt")), dtype=torch.float32)
+            for i in range(NUM_POSES)]
+
+
+def synchronize(device) -> None:
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def count_flops(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """Run ``fn`` under FlopCounterMode; returns (its result, total FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        result = fn()
+    return result, float(counter.get_total_flops())
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MiB (Linux reports ru_maxrss in KiB)."""
+    scale = 1.0 / 1024 ** 2 if sys.platform == "darwin" else 1.0 / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def cuda_peak_mb(device) -> Optional[float]:
+    import torch
+    return torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+
+
+def run_train(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    import run_deepvoxels
+    import util
+    with tempfile.TemporaryDirectory() as tmp:
+        opt = model_options(args, tmp)
+    device = util.resolve_device(opt.device)
+    util.seed_everything(opt.seed)
+    geometry = run_deepvoxels.build_geometry(os.path.join(REFERENCE_DIR, "small_intrinsics.txt"), opt.grid_dim,
+                                             opt.near_plane, device)
+    trainer = run_deepvoxels.Trainer(opt, device)
+    trainer.train_mode()
+    rss_after_build = peak_rss_mb()
+    mappings = run_deepvoxels.MappingCache(geometry, device)
+    poses = load_poses()
+    t0 = time.perf_counter()
+    for pose in poses:
+        mappings.lift(pose)
+        mappings.project(pose)
+    mapping_s = (time.perf_counter() - t0) / len(poses)
+    gen = torch.Generator().manual_seed(opt.seed)
+    images = [(torch.rand(1, 3, opt.img_sidelength, opt.img_sidelength, generator=gen) - 0.5).to(device)
+              for _ in poses]
+
+    def step(i: int):
+        # A triplet as NovelViewTriplets makes one: the input view and 2 other target views.
+        near, trgt = i % NUM_POSES, [(i + 1) % NUM_POSES, (i + 2) % NUM_POSES]
+        return trainer.step(images[near], mappings.lift(poses[near]), [mappings.project(poses[t]) for t in trgt],
+                            [images[t] for t in trgt])
+
+    flops = None
+    times = []
+    for i in range(args.warmup + args.iters):
+        if i == 0 and not args.compile:
+            t0 = time.perf_counter()
+            _, flops = count_flops(lambda: step(i))  # the first warm-up step doubles as the FLOP count
+            synchronize(device)
+            warm_s = time.perf_counter() - t0
+            continue
+        t0 = time.perf_counter()
+        losses = step(i)[0]
+        synchronize(device)
+        if i == 0:
+            warm_s = time.perf_counter() - t0
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    if flops is None:
+        _, flops = count_flops(lambda: step(0))
+    return {"train_times": times, "train_s_per_iter": statistics.median(times), "train_warmup_s": warm_s,
+            "train_flops": flops, "mapping_s_per_pose": mapping_s, "last_losses": losses,
+            "train_rss_after_build_mb": rss_after_build, "train_peak_rss_mb": peak_rss_mb(),
+            "train_cuda_peak_mb": cuda_peak_mb(device),
+            "generator_params": util.count_parameters(trainer.model)}
+
+
+def run_test(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    import run_deepvoxels
+    import util
+    with tempfile.TemporaryDirectory() as tmp:
+        opt = model_options(args, tmp)
+    device = util.resolve_device(opt.device)
+    util.seed_everything(opt.seed)
+    geometry = run_deepvoxels.build_geometry(os.path.join(REFERENCE_DIR, "small_intrinsics.txt"), opt.grid_dim,
+                                             opt.near_plane, device)
+    model = run_deepvoxels.build_model(opt).to(device)
+    small = (opt.img_sidelength, opt.grid_dim, opt.num_grid_feats, opt.nf0, opt.no_occlusion_net) == (
+        128, 16, 8, 8, False)
+    if small:  # the trained reference checkpoint: a grid and BatchNorm statistics that are not trivial
+        model.load_state_dict(util.load_checkpoint(os.path.join(REFERENCE_DIR, "small_ckpt.pth"))["model"])
+    else:
+        model.deepvoxels.normal_(0.0, 0.1)
+    model.eval()
+    if opt.compile:
+        run_deepvoxels.compile_networks(model)
+    poses = load_poses()
+
+    def render_all() -> list:
+        mappings = run_deepvoxels.MappingCache(geometry, device)  # fresh: a test run sees each pose once
+        out = [img for _, img, _ in run_deepvoxels.render_poses(model, mappings, poses, opt.view_batch, opt, device)]
+        synchronize(device)
+        return out
+
+    flops = None
+    times = []
+    for i in range(args.warmup + args.iters):
+        t0 = time.perf_counter()
+        if i == 0 and not args.compile:
+            _, flops = count_flops(render_all)
+        else:
+            render_all()
+        elapsed = (time.perf_counter() - t0) / len(poses)
+        if i >= args.warmup:
+            times.append(elapsed)
+    if flops is None:
+        _, flops = count_flops(render_all)
+    return {"test_times": times, "test_s_per_view": statistics.median(times), "test_flops_per_view": flops / len(poses),
+            "test_peak_rss_mb": peak_rss_mb(), "test_cuda_peak_mb": cuda_peak_mb(device)}
+
+
+def matmul_peak(device_name: str) -> dict[str, float]:
+    """Best-of-N GFLOP/s of a large square matmul in fp32 and bf16 on the benchmark's device."""
+    import torch
+
+    import util
+    device = util.resolve_device(device_name)
+    result = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(MATMUL_SIDE, MATMUL_SIDE, device=device).to(dtype)
+        b = torch.randn(MATMUL_SIDE, MATMUL_SIDE, device=device).to(dtype)
+        best = float("inf")
+        for _ in range(MATMUL_REPEATS):
+            synchronize(device)
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            synchronize(device)
+            best = min(best, time.perf_counter() - t0)
+        result[name] = 2 * MATMUL_SIDE ** 3 / best / GIGA
+    return result
+
+
+def machine_name() -> str:
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    name = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if torch.cuda.is_available():
+        name += f", GPU {torch.cuda.get_device_name()}"
+    return name
+
+
+def run_child(argv: Sequence[str], mode: str) -> dict[str, Any]:
+    """Run this script for one part in a fresh process; returns the JSON object it printed last."""
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", mode]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark {mode} subprocess failed (exit {proc.returncode}): {' '.join(cmd)}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def format_table(args: argparse.Namespace, res: dict[str, Any], peaks: dict[str, float]) -> str:
+    peak = peaks["bf16"] if args.amp == "bf16" else peaks["fp32"]
+    rows = ["| part | time | GFLOP | GFLOP/s | utilization | peak memory (MB) |", "|---|---|---|---|---|---|"]
+    mem = "cuda_peak_mb" if res.get("train_cuda_peak_mb") or res.get("test_cuda_peak_mb") else "peak_rss_mb"
+    for part, unit, time_key, flop_key in (("train", "s/iter", "train_s_per_iter", "train_flops"),
+                                           ("test", "s/view", "test_s_per_view", "test_flops_per_view")):
+        if time_key not in res:
+            continue
+        gflop = res[flop_key] / GIGA
+        rate = gflop / res[time_key]
+        rows.append(f"| {part} | {res[time_key]:.3f} {unit} | {gflop:.1f} | {rate:.1f} | {100 * rate / peak:.1f}% "
+                    f"| {res.get(f'{part}_{mem}') or 0:.0f} |")
+    return "\n".join(rows)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if REPO_ROOT not in sys.path:
+        sys.path.insert(0, REPO_ROOT)
+    if args.child is not None:
+        result = run_train(args) if args.child == "train" else run_test(args)
+        print(json.dumps(result))
+        return 0
+
+    import torch
+    peaks = matmul_peak(args.device)
+    res: dict[str, Any] = {}
+    if args.only in ("both", "train"):
+        res.update(run_child(argv, "train"))
+    if args.only in ("both", "test"):
+        res.update(run_child(argv, "test"))
+    peak = peaks["bf16"] if args.amp == "bf16" else peaks["fp32"]
+    print(f"machine: {machine_name()}")
+    print(f"config: img {args.img_sidelength}, grid {args.grid_dim}, feats {args.num_grid_feats}, nf0 {args.nf0}, "
+          f"occlusion net {not args.no_occlusion_net}, amp {args.amp}, compile {args.compile}, "
+          f"view_batch {args.view_batch}, {args.iters} timed after {args.warmup} warm-up")
+    print(f"matmul peak ({MATMUL_SIDE}^2): fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s")
+    if "train_times" in res:
+        print("train iterations (s): " + ", ".join(f"{t:.3f}" for t in res["train_times"])
+              + f"  (warm-up {res['train_warmup_s']:.2f} s; indices {res['mapping_s_per_pose'] * 1e3:.1f} ms/pose,"
+              f" cached)")
+    if "test_times" in res:
+        print("test passes (s/view): " + ", ".join(f"{t:.4f}" for t in res["test_times"]))
+    print(format_table(args, res, peaks))
+
+    summary: dict[str, Any] = {"config": {k: getattr(args, k) for k in (
+        "img_sidelength", "grid_dim", "num_grid_feats", "nf0", "no_occlusion_net", "amp", "compile", "view_batch",
+        "iters", "warmup")}}
+    summary["peak_rss_mb"] = max(res.get("train_peak_rss_mb", 0.0), res.get("test_peak_rss_mb", 0.0))
+    for key in ("train_s_per_iter", "test_s_per_view", "train_peak_rss_mb", "test_peak_rss_mb"):
+        if key in res:
+            summary[key] = res[key]
+    if "train_s_per_iter" in res:
+        summary["train_gflops_per_s"] = res["train_flops"] / GIGA / res["train_s_per_iter"]
+        summary["train_utilization"] = summary["train_gflops_per_s"] / peak
+    if "test_s_per_view" in res:
+        summary["test_gflops_per_s"] = res["test_flops_per_view"] / GIGA / res["test_s_per_view"]
+        summary["test_utilization"] = summary["test_gflops_per_s"] / peak
+    summary["peak_gflops_per_s"] = peak
+    summary["peak_gflops_per_s_fp32"], summary["peak_gflops_per_s_bf16"] = peaks["fp32"], peaks["bf16"]
+    if torch.cuda.is_available() and str(args.device) != "cpu":
+        summary["cuda_peak_mb"] = max(res.get("train_cuda_peak_mb") or 0.0, res.get("test_cuda_peak_mb") or 0.0)
+    summary["machine"] = machine_name()
+    line = json.dumps(summary)
+    if args.save:
+        os.makedirs(os.path.dirname(os.path.abspath(args.save)), exist_ok=True)
+        with open(args.save, "w") as handle:
+            handle.write(line + "\n")
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
