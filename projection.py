@@ -182,14 +182,19 @@ def _scatter_weighted_corners(src: torch.Tensor, corner_idx: torch.Tensor, corne
         out_idx: (M,) int64 distinct indices into the flattened output.
         out_size: length of the flattened output.
     Returns:
-        (B, C, out_size); entries not in ``out_idx`` are zero.
+        (B, C, out_size), stored position-major (channels-last); entries not in ``out_idx`` are zero.
+
+    Gathering and scattering whole rows of B*C features (position-major) is several times faster than
+    indexing each channel's row, in both directions of autograd, and the channels-last result is the
+    layout the 3D convolutions that follow run in.
     """
-    b, c, _ = src.shape
+    b, c, n = src.shape
     k, m = corner_idx.shape
-    gathered = src.index_select(2, corner_idx.reshape(-1)).view(b, c, k, m)
-    values = (gathered * corner_w.to(src.dtype)).sum(dim=2)  # (B, C, M)
-    out = src.new_zeros(b, c, out_size)
-    return out.index_copy(2, out_idx, values)
+    rows = src.permute(2, 0, 1).reshape(n, b * c)  # (N, B*C)
+    gathered = rows[corner_idx.reshape(-1)].view(k, m, b * c)  # advanced indexing: the fastest row gather
+    values = (gathered * corner_w.to(src.dtype)[:, :, None]).sum(dim=0)  # (M, B*C)
+    out = src.new_zeros(out_size, b * c).index_copy(0, out_idx, values)
+    return out.t().view(b, c, out_size)
 
 
 def lift_features(img_feats: torch.Tensor, lin: torch.Tensor, coords: torch.Tensor,
