@@ -22,7 +22,7 @@ DEMO_LOGS := logs/demo
 DEMO_CONFIG := configs/demo.yaml
 # 128 px: the smallest side the networks accept (64 * 2^k, k >= 1).
 DEMO_RESOLUTION := 128
-# Fewer than the generator's 50 views: the budget allows only a few passes over them (see configs/demo.yaml).
+# The generator's default: enough viewpoints around the cube for the test spiral's novel views.
 DEMO_NUM_TRAIN := 50
 # Only rendered at the end of training; it does not change what is learned.
 DEMO_NUM_VAL := 10
@@ -34,7 +34,7 @@ DEMO_FLAGS ?=
 .PHONY: help install demo test clean
 
 help:
-	@echo "make demo    train and test DeepVoxels on a synthetic scene (CPU, ~15 min on 2 cores)"
+	@echo "make demo    train and test DeepVoxels on a synthetic scene (CPU, ~10 min on 2 cores)"
 	@echo "make test    run the test suite"
 	@echo "make clean   remove $(DEMO_DATA) and $(DEMO_LOGS)"
 
@@ -53,6 +53,10 @@ $(DEMO_STAMP): $(INSTALLED)
 		--num_train $(DEMO_NUM_TRAIN) --num_val $(DEMO_NUM_VAL) --seed 0
 	touch $@
 
+# The closing lines of `make demo`: the test scores and where the renders are, from test mode's metrics.json.
+DEMO_SUMMARY := import json, sys; m = json.load(open(sys.argv[1])); \
+	print("\nPSNR %.2f dB  SSIM %.4f  over %d test views\nrenders: %s" % (m["psnr"], m["ssim"], m["num_views"], m["out_dir"]))
+
 # Each run trains from scratch into a new timestamped folder; its path is taken from the line training
 # prints last ("checkpoints and logs: DIR"), and the test renders' folder from test mode's "renders: DIR".
 demo: $(DEMO_STAMP)
@@ -67,9 +71,7 @@ demo: $(DEMO_STAMP)
 		--data_root $(DEMO_DATA)/test/$(DEMO_OBJECT) --logging_root $(DEMO_LOGS) --checkpoint "$$checkpoint" \
 		$(DEMO_FLAGS) | tee $(DEMO_LOGS)/test.out
 	@renders=$$(sed -n 's/^renders: \([^ ]*\) .*/\1/p' $(DEMO_LOGS)/test.out | tail -n 1); \
-	$(PY) -c 'import json, sys; m = json.load(open(sys.argv[1])); \
-	print(f"\nPSNR {m[\"psnr\"]:.2f} dB  SSIM {m[\"ssim\"]:.4f}  over {m[\"num_views\"]} test views"); \
-	print(f"renders: {m[\"out_dir\"]}")' "$$renders/metrics.json"
+	$(PY) -c '$(DEMO_SUMMARY)' "$$renders/metrics.json"
 
 test: $(INSTALLED)
 	$(PY) -m pytest -q tests
