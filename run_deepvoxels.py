@@ -514,6 +514,7 @@ class TrainResult:
     log_dir: str
     trainer: Trainer
     step: int
+    stopped_by: Optional[int] = None  # the signal that ended training early, if any
 
 
 def train(opt: Any, device: torch.device, dist_ctx: Optional[DistContext] = None) -> TrainResult:
@@ -678,7 +679,7 @@ def train(opt: Any, device: torch.device, dist_ctx: Optional[DistContext] = None
     except _StopRequested:
         save(f"signal {stop['signal']}")
         log.info("stopped by signal %s at step %d; continue with --resume", stop["signal"], step)
-        return TrainResult(log_dir, trainer, step)
+        return TrainResult(log_dir, trainer, step, stopped_by=stop["signal"])
     except FloatingPointError as err:
         path = save("last good state before a non-finite loss")
         raise NonFiniteLossError(f"{err}; the last good state is in {path or 'rank 0 checkpoint'}") from err
@@ -923,6 +924,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             result = train(opt, device, dist_ctx)
             if dist_ctx.is_main:
                 print(f"checkpoints and logs: {result.log_dir}")
+            if result.stopped_by is not None:
+                # The conventional 128 + signal: callers such as `make demo` must not treat it as finished.
+                return 128 + int(result.stopped_by)
         else:
             test(opt, device)
     except (data_util.DataError, util.CheckpointError, UsageError, EmptyFrustumError) as err:

@@ -98,7 +98,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data, tmp_path):
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
+    assert proc.returncode == 128 + signal.SIGTERM, out  # a clean exit that says training did not finish
     assert "Traceback" not in out
     payload, _ = _final_state(logs)
     assert payload["step"] >= 1
