@@ -61,9 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="torch.set_num_threads (0: torch's default). On a shared machine 1 thread is far steadier")
     p.add_argument("--save", default="", help="also write the final JSON to this file")
-    p.add_argument("--proposed", action="store_true",
-                   help="apply the Trainer changes proposed in benchmarks/REQUESTS.md (fused Adam, grads set to "
-                        "None by zero_grad) to the Trainer built here, to measure them")
     p.add_argument("--child", choices=("train", "test"), default=None, help=argparse.SUPPRESS)
     return p
 
@@ -115,22 +112,6 @@ def cuda_peak_mb(device) -> Optional[float]:
     return torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
 
 
-def _zero_grad_to_none(optimizer: Any, set_to_none: bool = True) -> None:
-    type(optimizer).zero_grad(optimizer, set_to_none=True)  # whatever the caller asked for
-
-
-def apply_proposed(trainer: Any, opt: Any) -> None:
-    """The Trainer changes asked for in benchmarks/REQUESTS.md, applied from outside for measurement only."""
-    import functools
-    for optimizer in (trainer.optimizer_g, trainer.optimizer_d):
-        if opt.amp != "fp16":  # Adam reads these per step; fused: one pass per tensor, no temporaries
-            for group in optimizer.param_groups:
-                group["foreach"], group["fused"] = False, True
-        # Every parameter gets a gradient every step, so None-then-allocate equals zero-filling, minus the
-        # fill and minus holding the generator's gradients during the forward pass.
-        optimizer.zero_grad = functools.partial(_zero_grad_to_none, optimizer)
-
-
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -143,8 +124,6 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     geometry = run_deepvoxels.build_geometry(os.path.join(REFERENCE_DIR, "small_intrinsics.txt"), opt.grid_dim,
                                              opt.near_plane, device)
     trainer = run_deepvoxels.Trainer(opt, device)
-    if args.proposed:
-        apply_proposed(trainer, opt)
     trainer.train_mode()
     rss_after_build = peak_rss_mb()
     mappings = run_deepvoxels.MappingCache(geometry, device)
@@ -320,8 +299,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"machine: {machine_name()}")
     print(f"config: img {args.img_sidelength}, grid {args.grid_dim}, feats {args.num_grid_feats}, nf0 {args.nf0}, "
           f"occlusion net {not args.no_occlusion_net}, amp {args.amp}, compile {args.compile}, "
-          f"view_batch {args.view_batch}, {args.iters} timed after {args.warmup} warm-up"
-          + (", proposed Trainer changes" if args.proposed else ""))
+          f"view_batch {args.view_batch}, {args.iters} timed after {args.warmup} warm-up")
     print(f"matmul peak ({MATMUL_SIDE}^2): fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s")
     if "train_times" in res:
         print("train iterations (s): " + ", ".join(f"{t:.3f}" for t in res["train_times"])
@@ -333,7 +311,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     summary: dict[str, Any] = {"config": {k: getattr(args, k) for k in (
         "img_sidelength", "grid_dim", "num_grid_feats", "nf0", "no_occlusion_net", "amp", "compile", "view_batch",
-        "iters", "warmup", "proposed")}}
+        "iters", "warmup")}}
     summary["peak_rss_mb"] = max(res.get("train_peak_rss_mb", 0.0), res.get("test_peak_rss_mb", 0.0))
     for key in ("train_s_per_iter", "test_s_per_view", "train_peak_rss_mb", "test_peak_rss_mb"):
         if key in res:
