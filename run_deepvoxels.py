@@ -97,7 +97,7 @@ def build_parser() -> configargparse.ArgumentParser:
     p.add_argument("--val_root", default="", help="validation object folder (default: sibling validation/<obj>)")
     p.add_argument("--val_every", type=int, default=1000, help="steps between validations (0: only at the end)")
     p.add_argument("--val_views", type=int, default=0, help="validation views to render (0: all)")
-    p.add_argument("--view_batch", type=int, default=4, help="views rendered per forward in test mode")
+    p.add_argument("--view_batch", type=int, default=8, help="views rendered per forward in test mode and validation")
     p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="autocast precision")
     p.add_argument("--compile", action="store_true", help="torch.compile the 2D and 3D networks")
     p.add_argument("--threads", type=int, default=0,

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="autocast precision")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--view_batch", type=int, default=4, help="views per forward in test rendering")
+    p.add_argument("--view_batch", type=int, default=8, help="views per forward in test rendering (run_deepvoxels default)")
     # Benchmark flags.
     p.add_argument("--iters", type=int, default=5, help="timed training iterations (and test passes)")
     p.add_argument("--warmup", type=int, default=1, help="untimed training iterations (and test passes) first")
