@@ -112,9 +112,8 @@ def cuda_peak_mb(device) -> Optional[float]:
     return torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
 
 
-def run_train(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
+def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """Resolved flags, device and geometry (reference intrinsics), with every seed set."""
     import run_deepvoxels
     import util
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,6 +122,15 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     util.seed_everything(opt.seed)
     geometry = run_deepvoxels.build_geometry(os.path.join(REFERENCE_DIR, "small_intrinsics.txt"), opt.grid_dim,
                                              opt.near_plane, device)
+    return opt, device, geometry
+
+
+def run_train(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    import run_deepvoxels
+    import util
+    opt, device, geometry = _setup(args)
     trainer = run_deepvoxels.Trainer(opt, device)
     trainer.train_mode()
     rss_after_build = peak_rss_mb()
@@ -173,12 +181,7 @@ def run_test(args: argparse.Namespace) -> dict[str, Any]:
 
     import run_deepvoxels
     import util
-    with tempfile.TemporaryDirectory() as tmp:
-        opt = model_options(args, tmp)
-    device = util.resolve_device(opt.device)
-    util.seed_everything(opt.seed)
-    geometry = run_deepvoxels.build_geometry(os.path.join(REFERENCE_DIR, "small_intrinsics.txt"), opt.grid_dim,
-                                             opt.near_plane, device)
+    opt, device, geometry = _setup(args)
     model = run_deepvoxels.build_model(opt).to(device)
     small = (opt.img_sidelength, opt.grid_dim, opt.num_grid_feats, opt.nf0, opt.no_occlusion_net) == (
         128, 16, 8, 8, False)
