@@ -177,8 +177,6 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_test(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
     import run_deepvoxels
     import util
     opt, device, geometry = _setup(args)

@@ -9,7 +9,6 @@ import torch
 
 import run_deepvoxels
 import util
-from deep_voxels import DeepVoxels
 from losses import PatchDiscriminator
 
 SMALL = types.SimpleNamespace(img_sidelength=128, grid_dim=16, num_grid_feats=8, nf0=8, no_occlusion_net=False)
