@@ -7,8 +7,9 @@ the same configuration on the original and on the converted dataset and compares
     python benchmarks/colmap_parity.py --out /tmp/colmap_parity --config configs/demo.yaml --max_steps 300
 
 Prints one JSON line: {"original": {...}, "converted_auto": {...}[, "converted_matched": {...}]}.
-"converted_auto" uses the importer's automatic grid placement; "converted_matched" passes --origin/--scale so
-the grid sits where the original dataset's grid is (isolating the conversion from the placement).
+"converted_auto" (``--variants auto``, the default) uses the importer's automatic grid placement;
+"converted_matched" (``--variants matched``) passes --origin/--scale/--near_plane so the grid sits where the
+original dataset's grid is, up to the world's rotation (isolating the conversion from the placement).
 """
 from __future__ import annotations
 
@@ -112,7 +113,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--num_train", type=int, default=50)
     parser.add_argument("--num_test", type=int, default=20)
-    parser.add_argument("--matched", action="store_true", help="also train with the original grid placement")
+    parser.add_argument("--variants", nargs="+", choices=("auto", "matched"), default=["auto"],
+                        help="converted datasets to train: automatic grid placement and/or the original's placement")
     args, train_flags = parser.parse_known_args(argv)
 
     import colmap_import
@@ -129,11 +131,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     results = {"original": train_and_test(splits[0], splits[1], os.path.join(args.out, "logs_original"),
                                           train_flags)}
-    variants = {"converted_auto": []}
-    if args.matched:
-        variants["converted_matched"] = ["--origin", *map(str, shift), "--scale", str(WORLD_SCALE),
-                                         "--near_plane", str(math.sqrt(3) / 2)]
-    for label, flags in variants.items():
+    placement = {"auto": [], "matched": ["--origin", *map(str, shift), "--scale", str(WORLD_SCALE),
+                                         "--near_plane", str(math.sqrt(3) / 2)]}
+    for variant in args.variants:
+        label, flags = f"converted_{variant}", placement[variant]
         converted = os.path.join(args.out, label, "all")
         assert colmap_import.main(["--colmap_dir", model, "--images", photos, "--out", converted, *flags]) == 0
         folders = split_converted(converted, os.path.join(args.out, label), args.object)
