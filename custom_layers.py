@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 import util
-from pytorch_prototyping import Conv2dSame, Conv3dSame, DownsamplingNet, Unet, Unet3d, UpsamplingNet
-from pytorch_prototyping.blocks import Conv3d
+from pytorch_prototyping import Conv2dSame, Conv3d, Conv3dSame, DownsamplingNet, Unet, Unet3d, UpsamplingNet
 
 RENDER_DROPOUT = 0.1  # dropout probability inside the rendering net (original default)
 INTEGRATION_DROPOUT = 0.2  # channel dropout on the integration net's candidate features

@@ -710,6 +710,11 @@ def to_uint16(img: torch.Tensor) -> np.ndarray:
     return (arr * UINT16_MAX).round().clip(0, UINT16_MAX).astype(np.uint16)
 
 
+def cropped_ground_truth(item: dict) -> np.ndarray:
+    """A dataset item's image as (H, W, 3) in [0, 1] with the 5-pixel border cropped, as renders are scored."""
+    return item["gt_rgb"].numpy().transpose(1, 2, 0)[BORDER:-BORDER, BORDER:-BORDER] + 0.5
+
+
 def render_poses(model: DeepVoxels, mappings: MappingCache, poses: Sequence[torch.Tensor], view_batch: int,
                  opt: Any, device: torch.device, timings: Optional[list[float]] = None
                  ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -773,7 +778,7 @@ class Validator:
             for i, img, _ in render_poses(model, self.mappings, [it["pose"] for it in items], self.opt.view_batch,
                                           self.opt, self.device):
                 pred = to_uint16(img[:, BORDER:-BORDER, BORDER:-BORDER]).astype(np.float64) / UINT16_MAX
-                gt = items[i]["gt_rgb"].numpy().transpose(1, 2, 0)[BORDER:-BORDER, BORDER:-BORDER] + 0.5
+                gt = cropped_ground_truth(items[i])
                 scores.append((psnr(pred, gt), ssim(pred, gt)))
                 if len(renders) < 4:
                     renders += [torch.from_numpy(pred.transpose(2, 0, 1)).float(),
@@ -834,7 +839,7 @@ def test(opt: Any, device: torch.device) -> dict[str, Any]:
         frames.append(png)
         if dataset.has_gt:
             pred = png.astype(np.float64) / UINT16_MAX
-            gt = items[i]["gt_rgb"].numpy().transpose(1, 2, 0)[BORDER:-BORDER, BORDER:-BORDER] + 0.5
+            gt = cropped_ground_truth(items[i])
             row = {"view": i, "pose_file": os.path.basename(items[i]["pose_path"]),
                    "psnr": psnr(pred, gt), "ssim": ssim(pred, gt)}
             if lpips_scorer is not None and lpips_scorer.available:
@@ -879,7 +884,7 @@ def test(opt: Any, device: torch.device) -> dict[str, Any]:
 def write_comparison_strip(path: str, items: list[dict], frames: list[np.ndarray], count: int = 4) -> None:
     """Ground truth (top row) above renders (bottom row) for ``count`` evenly spaced views, 8-bit PNG."""
     picks = np.linspace(0, len(frames) - 1, min(count, len(frames))).round().astype(int)
-    top = [((items[i]["gt_rgb"].numpy().transpose(1, 2, 0)[BORDER:-BORDER, BORDER:-BORDER] + 0.5) * 255)
+    top = [(cropped_ground_truth(items[i]) * 255)
            .round().clip(0, 255).astype(np.uint8) for i in picks]
     bottom = [(frames[i] / 257.0).round().astype(np.uint8) for i in picks]
     data_util.write_png(path, np.concatenate([np.concatenate(top, 1), np.concatenate(bottom, 1)], 0))

@@ -6,6 +6,7 @@ checkpoints written by the original load with ``strict=True``.
 """
 from pytorch_prototyping.blocks import (
     Conv2dSame,
+    Conv3d,
     Conv3dSame,
     DownBlock,
     DownBlock3D,
@@ -21,6 +22,6 @@ from pytorch_prototyping.blocks import (
 )
 
 __all__ = [
-    "Conv2dSame", "Conv3dSame", "DownBlock", "DownBlock3D", "DownsamplingNet", "Identity", "Unet", "Unet3d",
+    "Conv2dSame", "Conv3d", "Conv3dSame", "DownBlock", "DownBlock3D", "DownsamplingNet", "Identity", "Unet", "Unet3d",
     "UnetSkipConnectionBlock", "UnetSkipConnectionBlock3d", "UpBlock", "UpBlock3D", "UpsamplingNet",
 ]
