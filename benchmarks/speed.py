@@ -8,12 +8,16 @@ It runs exactly the code that training and testing run: ``run_deepvoxels.Trainer
 input view, 2 target views, L1 + GAN losses, D step, G step) and ``run_deepvoxels.render_poses`` (inpaint
 once, batched views). Inputs are synthetic: the 6 reference poses (../shared/reference/pose_*.txt with
 small_intrinsics.txt) and seeded random images. Train and test each run in their own subprocess, so that
-each peak RSS (``ru_maxrss``) is its own. The last line printed is one JSON object.
+each peak is its own. The last line printed is one JSON object.
 
 Definitions (as in the original's timings, ../shared/reference/timings_original_cpu.md):
 * train s/iter: median wall time of ``Trainer.step`` after ``--warmup`` untimed steps. Lifting and
   projection indices come from ``MappingCache`` (training sees every pose again each epoch); their one-off
   cost per pose is reported separately as ``mapping_s_per_pose``.
+* peak memory: the largest resident set size (VmHWM on Linux; on CUDA, max allocated) during the timed
+  iterations; the count restarts after the warm-up, which includes the FLOP count.
+* FLOPs: counted over one step, including what the backward pass recomputes (the memory savers, see
+  ``run_deepvoxels.py --save_memory``), so GFLOP/s is the work the machine actually did.
 * test s/view: median over ``--iters`` passes of (wall time of rendering all 6 poses) / 6, each pass with a
   fresh ``MappingCache``, so it includes the projection indices and the once-per-pass inpainting, like the
   span the original's ``test()`` timed.
@@ -51,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_occlusion_net", action="store_true", help="depth-collapse net instead of occlusion net")
     p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="autocast precision")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    p.add_argument("--save_memory", action="store_true",
+                   help="turn the training-memory savers on (run_deepvoxels --save_memory)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--view_batch", type=int, default=8, help="views per forward in test rendering (run_deepvoxels default)")
     # Benchmark flags.
@@ -76,6 +82,8 @@ def model_options(args: argparse.Namespace, logging_root: str) -> Any:
         argv.append("--no_occlusion_net")
     if args.compile:
         argv.append("--compile")
+    if args.save_memory:
+        argv.append("--save_memory")
     return run_deepvoxels.parse_args(argv)
 
 
@@ -101,10 +109,34 @@ def count_flops(fn: Callable[[], Any]) -> tuple[Any, float]:
     return result, float(counter.get_total_flops())
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set size in MiB (Linux reports ru_maxrss in KiB)."""
+def reset_peak_rss() -> bool:
+    """Restart the peak resident set size count (Linux: VmHWM, reset through /proc/self/clear_refs), so that
+    the peak reported is that of the timed part alone, not of the FLOP count or the warm-up. False where the
+    system cannot; the peak is then the whole process's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def process_peak_rss_mb() -> float:
+    """The whole process's peak resident set size in MiB (``ru_maxrss``: bytes on macOS, else KiB)."""
     scale = 1.0 / 1024 ** 2 if sys.platform == "darwin" else 1.0 / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size in MiB since the last ``reset_peak_rss`` (VmHWM), or of the whole process."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return process_peak_rss_mb()
 
 
 def cuda_peak_mb(device) -> Optional[float]:
@@ -160,6 +192,10 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             synchronize(device)
             warm_s = time.perf_counter() - t0
             continue
+        if i == args.warmup:
+            reset_peak_rss()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         losses = step(i)[0]
         synchronize(device)
@@ -167,16 +203,20 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             warm_s = time.perf_counter() - t0
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+    peak_mb, cuda_mb = peak_rss_mb(), cuda_peak_mb(device)
     if flops is None:
         _, flops = count_flops(lambda: step(0))
     return {"train_times": times, "train_s_per_iter": statistics.median(times), "train_warmup_s": warm_s,
             "train_flops": flops, "mapping_s_per_pose": mapping_s, "last_losses": losses,
-            "train_rss_after_build_mb": rss_after_build, "train_peak_rss_mb": peak_rss_mb(),
-            "train_cuda_peak_mb": cuda_peak_mb(device),
+            "train_rss_after_build_mb": rss_after_build, "train_peak_rss_mb": peak_mb,
+            "train_process_peak_rss_mb": process_peak_rss_mb(),
+            "train_cuda_peak_mb": cuda_mb,
             "generator_params": util.count_parameters(trainer.model)}
 
 
 def run_test(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
     import run_deepvoxels
     import util
     opt, device, geometry = _setup(args)
@@ -201,6 +241,10 @@ def run_test(args: argparse.Namespace) -> dict[str, Any]:
     flops = None
     times = []
     for i in range(args.warmup + args.iters):
+        if i == args.warmup:
+            reset_peak_rss()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         if i == 0 and not args.compile:
             _, flops = count_flops(render_all)
@@ -209,10 +253,11 @@ def run_test(args: argparse.Namespace) -> dict[str, Any]:
         elapsed = (time.perf_counter() - t0) / len(poses)
         if i >= args.warmup:
             times.append(elapsed)
+    peak_mb, cuda_mb = peak_rss_mb(), cuda_peak_mb(device)
     if flops is None:
         _, flops = count_flops(render_all)
     return {"test_times": times, "test_s_per_view": statistics.median(times), "test_flops_per_view": flops / len(poses),
-            "test_peak_rss_mb": peak_rss_mb(), "test_cuda_peak_mb": cuda_peak_mb(device)}
+            "test_peak_rss_mb": peak_mb, "test_cuda_peak_mb": cuda_mb}
 
 
 def matmul_peak(device_name: str) -> dict[str, float]:
@@ -299,7 +344,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     peak = peaks["bf16"] if args.amp == "bf16" else peaks["fp32"]
     print(f"machine: {machine_name()}")
     print(f"config: img {args.img_sidelength}, grid {args.grid_dim}, feats {args.num_grid_feats}, nf0 {args.nf0}, "
-          f"occlusion net {not args.no_occlusion_net}, amp {args.amp}, compile {args.compile}, "
+          f"occlusion net {not args.no_occlusion_net}, amp {args.amp}, compile {args.compile}, save_memory {args.save_memory}, "
           f"view_batch {args.view_batch}, {args.iters} timed after {args.warmup} warm-up")
     print(f"matmul peak ({MATMUL_SIDE}^2): fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s")
     if "train_times" in res:
@@ -312,9 +357,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     summary: dict[str, Any] = {"config": {k: getattr(args, k) for k in (
         "img_sidelength", "grid_dim", "num_grid_feats", "nf0", "no_occlusion_net", "amp", "compile", "view_batch",
-        "iters", "warmup")}}
+        "save_memory", "iters", "warmup")}}
     summary["peak_rss_mb"] = max(res.get("train_peak_rss_mb", 0.0), res.get("test_peak_rss_mb", 0.0))
-    for key in ("train_s_per_iter", "test_s_per_view", "train_peak_rss_mb", "test_peak_rss_mb"):
+    for key in ("train_s_per_iter", "test_s_per_view", "train_peak_rss_mb", "test_peak_rss_mb",
+                "train_process_peak_rss_mb"):
         if key in res:
             summary[key] = res[key]
     if "train_s_per_iter" in res:
