@@ -1,4 +1,7 @@
-"""Training-memory savers that leave every computed value unchanged.
+"""Training-memory savers that leave every computed value unchanged (``run_deepvoxels.py --save_memory``).
+
+``recompute_in_backward``: activation checkpointing for layers with BatchNorm and dropout: the
+recomputation draws the same dropout masks and leaves the running statistics updated once.
 
 ``recompute_padding``: a padding layer followed by a convolution makes autograd keep two copies of each
 activation: the padding's input (the previous layer's output, already kept by its own backward) and the
