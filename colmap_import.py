@@ -29,8 +29,8 @@ Conventions
 
 Normalisation (the choice made here)
 ------------------------------------
-The world is re-expressed so that the grid is centred at the origin with side 1:
-x_dataset = (x_colmap - origin) / scale. intrinsics.txt then holds origin 0 0 0 and scale 1,
+The world is re-expressed so that the grid is centred at the origin with side 1 and its axes sit square
+to the object: x_dataset = R (x_colmap - origin) / scale. intrinsics.txt then holds origin 0 0 0 and scale 1,
 like every dataset the original shipped, so the model's defaults (and its --near_plane, which is
 in grid units) keep their meaning whatever unit COLMAP's arbitrary gauge happened to pick. The
 near plane written is measured in the same units. --origin and --scale override the automatic
@@ -40,6 +40,11 @@ similarity so results can be mapped back onto the reconstruction.
 
 Grid placement
 --------------
+* axes (R, ``--align object``): COLMAP's axes are arbitrary, and a voxel grid turned against the object
+  wastes voxels and draws its faces as staircases. The mean of the cameras' up vectors (-y of each
+  camera; photos are mostly taken upright) becomes +z, the built-in scenes' up. Then the yaw about +z
+  that fits the object's footprint (the sparse points, filtered as below) into the smallest square is
+  chosen: a box-shaped object ends up face-on. ``--align none`` keeps COLMAP's axes.
 * points: the sparse points, without those seen by fewer than MIN_TRACK_LENGTH images. The
   per-axis [trim, 1 - trim] quantiles give a core box that floaters and distant background cannot
   move; the object's box is the full extent of the points within TAIL_WINDOW core sizes of it
@@ -101,6 +106,20 @@ FRUSTUM_DEPTH_IN_GRID_SIDES = 2.0
 MIN_NEAR_PLANE = 0.05
 # COLMAP puts the centre of the top-left pixel at (0.5, 0.5); DeepVoxels (data_util) puts it at (0, 0).
 COLMAP_TO_CENTRE_PIXELS = 0.5
+# Up is the mean of the cameras' up vectors; when they point every which way (their mean is shorter than
+# this), there is no up to align to.
+MIN_UP_AGREEMENT = 0.3
+# The yaw that fits the object's horizontal footprint into the smallest square is searched at this step
+# (degrees) over a quarter turn, then refined once around the best angle at a tenth of it.
+YAW_STEP_DEG = 1.0
+# Among yaws whose square is within this fraction of the smallest, the one with the smallest rectangle wins.
+YAW_TIE_TOLERANCE = 1e-3
+# The cameras' mean up may be off by a few degrees (they look down on the object from one side more than
+# another); it is corrected by up to this much, towards the tilt that fits the object in the smallest cube.
+MAX_TILT_DEG = 10.0
+ALIGN_ROUNDS = 2  # alternations of the yaw and the tilt search
+ALIGN_POINTS = 4000  # sparse points used to measure the object's extent while searching
+DATASET_UP = np.array([0.0, 0.0, 1.0])  # world up of the built-in scenes and the camera path helpers
 # Cameras sharing an intrinsics.txt may differ by this fraction of the focal length (pixels).
 CAMERA_PARAM_TOLERANCE = 0.01
 INSTALL_HINT = ("install COLMAP (`apt-get install colmap`, or see https://colmap.github.io/install.html) "
@@ -336,12 +355,117 @@ def image_cam2world(image: Image) -> np.ndarray:
     return cam2world
 
 
-def colmap_to_dataset(origin: np.ndarray, scale: float) -> np.ndarray:
-    """(4, 4) similarity COLMAP world -> dataset world: grid centre to 0, grid side to 1."""
+def colmap_to_dataset(origin: np.ndarray, scale: float, rotation: Optional[np.ndarray] = None) -> np.ndarray:
+    """(4, 4) similarity COLMAP world -> dataset world: x_dataset = rotation @ (x_colmap - origin) / scale,
+    so the grid centre goes to 0, the grid side to 1 and the grid's axes to the dataset's axes."""
+    rotation = np.eye(3) if rotation is None else np.asarray(rotation, dtype=np.float64)
     transform = np.eye(4)
-    transform[:3, :3] /= scale
-    transform[:3, 3] = -np.asarray(origin, dtype=np.float64) / scale
+    transform[:3, :3] = rotation / scale
+    transform[:3, 3] = -rotation @ np.asarray(origin, dtype=np.float64) / scale
     return transform
+
+
+def rotation_between(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(3, 3) rotation taking unit vector a to unit vector b by the shortest arc (Rodrigues)."""
+    axis = np.cross(a, b)
+    sin, cos = np.linalg.norm(axis), float(np.dot(a, b))
+    if sin < 1e-12:
+        if cos > 0:
+            return np.eye(3)
+        # Opposite: half a turn about any axis perpendicular to a.
+        helper = np.eye(3)[np.argmin(np.abs(a))]
+        axis = np.cross(a, helper)
+        axis /= np.linalg.norm(axis)
+        return 2.0 * np.outer(axis, axis) - np.eye(3)
+    k = axis / sin
+    cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    return np.eye(3) + sin * cross + (1.0 - cos) * cross @ cross
+
+
+def rotation_about_z(angle: float) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def camera_up(cam2worlds: np.ndarray) -> tuple[Optional[np.ndarray], float]:
+    """Mean of the cameras' up vectors (-y of an OpenCV camera, in world axes), normalised, and the length of
+    the mean of the unit vectors (1: all agree); None when they do not agree (length < MIN_UP_AGREEMENT)."""
+    ups = -cam2worlds[:, :3, 1]
+    mean = ups.mean(axis=0)
+    agreement = float(np.linalg.norm(mean))
+    return (mean / agreement if agreement >= MIN_UP_AGREEMENT else None), agreement
+
+
+def _footprint(points_xy: np.ndarray, angle: float) -> tuple[float, float]:
+    """(side of the smallest axis-aligned square, area of the rectangle) holding the points turned by angle."""
+    c, s = np.cos(angle), np.sin(angle)
+    x = c * points_xy[:, 0] - s * points_xy[:, 1]
+    y = s * points_xy[:, 0] + c * points_xy[:, 1]
+    width, depth = np.ptp(x), np.ptp(y)
+    return max(width, depth), width * depth
+
+
+def best_yaw(points_xy: np.ndarray) -> float:
+    """Angle (radians, in [0, pi/2)) about the vertical that fits the points' footprint into the smallest
+    axis-aligned square, ties going to the smallest rectangle: a box-shaped object ends up face-on to the
+    grid, and any object uses as many voxels as it can."""
+    def search(angles: np.ndarray) -> float:
+        sides, areas = np.array([_footprint(points_xy, a) for a in angles]).T
+        near_best = sides <= sides.min() * (1.0 + YAW_TIE_TOLERANCE)
+        return float(angles[near_best][np.argmin(areas[near_best])])
+    step = np.deg2rad(YAW_STEP_DEG)
+    coarse = search(np.arange(0.0, np.pi / 2, step))
+    return search(coarse + np.linspace(-step, step, 21)) % (np.pi / 2)
+
+
+def _tilt(about_x: float, about_y: float) -> np.ndarray:
+    cx, sx, cy, sy = np.cos(about_x), np.sin(about_x), np.cos(about_y), np.sin(about_y)
+    return np.array([[1.0, 0, 0], [0, cx, -sx], [0, sx, cx]]) @ np.array([[cy, 0, sy], [0, 1.0, 0], [-sy, 0, cy]])
+
+
+def best_tilt(points: np.ndarray, max_deg: float) -> np.ndarray:
+    """Small rotation about x and y (within max_deg) that fits the points into the smallest axis-aligned
+    cube, ties going to the smallest box: corrects an up direction that is off by a few degrees."""
+    def search(centre: np.ndarray, half: float, steps: int) -> tuple[np.ndarray, float]:
+        grid = np.linspace(-half, half, steps)
+        candidates = [(centre + [a, b]) for a in grid for b in grid]
+        sides, volumes = [], []
+        for a, b in candidates:
+            extent = np.ptp(points @ _tilt(a, b).T, axis=0)
+            sides.append(extent.max())
+            volumes.append(extent.prod())
+        sides, volumes = np.array(sides), np.array(volumes)
+        near_best = np.flatnonzero(sides <= sides.min() * (1.0 + YAW_TIE_TOLERANCE))
+        return candidates[near_best[np.argmin(volumes[near_best])]], half / (steps - 1) * 2
+    limit = np.deg2rad(max_deg)
+    angles, step = search(np.zeros(2), limit, 2 * int(max_deg) + 1)
+    angles, _ = search(angles, step, 21)
+    return _tilt(*angles)
+
+
+def align_to_object(cam2worlds: np.ndarray, points: np.ndarray, track_lengths: Optional[np.ndarray],
+                    trim: float, source: str) -> tuple[np.ndarray, str]:
+    """(3, 3) rotation of the COLMAP world that puts the cameras' mean up on the dataset's +z, corrects that
+    up by up to MAX_TILT_DEG and turns the object about it so that it fits the grid best; and how."""
+    up, agreement = camera_up(cam2worlds)
+    if up is None:
+        log.warning("the cameras' up vectors disagree (mean length %.2f < %.2f): world not rotated",
+                    agreement, MIN_UP_AGREEMENT)
+        return np.eye(3), f"none: the cameras' up vectors disagree (mean length {agreement:.2f})"
+    rotation = rotation_between(up, DATASET_UP)
+    low, high, _ = robust_box(points @ rotation.T, track_lengths, trim, source)
+    levelled = points @ rotation.T
+    # The object's points (the filtered box), at most ALIGN_POINTS of them: enough for its extent.
+    obj = points[np.all((levelled >= low) & (levelled <= high), axis=1)]
+    obj = obj[np.random.RandomState(0).permutation(len(obj))[:ALIGN_POINTS]]
+    for _ in range(ALIGN_ROUNDS):  # yaw and tilt depend on each other a little: alternate
+        rotation = rotation_about_z(best_yaw((obj @ rotation.T)[:, :2])) @ rotation
+        rotation = best_tilt(obj @ rotation.T, MAX_TILT_DEG) @ rotation
+    rotation = rotation_about_z(best_yaw((obj @ rotation.T)[:, :2])) @ rotation
+    tilt = np.rad2deg(np.arccos(np.clip(rotation[2] @ up, -1.0, 1.0)))
+    how = (f"mean camera up (agreement {agreement:.2f}) to +z, corrected by {tilt:.1f} deg, and the turn about "
+           f"it that fit the object's sparse points into the smallest cube")
+    return rotation, how
 
 
 def move_camera(transform: np.ndarray, cam2world: np.ndarray) -> np.ndarray:
@@ -511,11 +635,13 @@ def run_colmap(colmap: str, image_dir: str, work_dir: str) -> tuple[str, str]:
 def convert(model: SparseModel, image_dir: str, out_dir: str, resolution: Optional[int] = None,
             origin: Optional[Sequence[float]] = None, scale: Optional[float] = None,
             near_plane: Optional[float] = None, margin: float = 0.1, trim: float = 0.05,
-            max_focal_mismatch: float = 0.01) -> dict:
+            max_focal_mismatch: float = 0.01, align: str = "object") -> dict:
     """Write the DeepVoxels object folder out_dir from a COLMAP model; returns the chosen values.
 
     origin, scale: grid centre and side in COLMAP world units (None: placed from the points).
     near_plane: in dataset units, grid side = 1 (None: nearest grid corner over all cameras).
+    align: "object" turns the world so that the cameras' up is +z and the object sits square in the grid
+    (``align_to_object``); "none" keeps COLMAP's axes.
     """
     camera, f, cx, cy = shared_pinhole(model, max_focal_mismatch)
     row0, col0, side = crop_window(camera.height, camera.width)
@@ -533,23 +659,32 @@ def convert(model: SparseModel, image_dir: str, out_dir: str, resolution: Option
             raise _error(existing, "not empty; choose a fresh --out")
 
     summary = {}
+    colmap_cam2worlds = np.stack([image_cam2world(image) for image in images])
+    if align == "object":
+        rotation, summary["align_how"] = align_to_object(colmap_cam2worlds, model.points, model.track_lengths,
+                                                         trim, model.source)
+    elif align == "none":
+        rotation, summary["align_how"] = np.eye(3), "none (--align none): COLMAP's axes"
+    else:
+        raise data_util.DataError(f"--align {align!r}: expected 'object' or 'none'")
     if origin is None or scale is None:
-        low, high, how_box = robust_box(model.points, model.track_lengths, trim, model.source)
+        # The box is axis-aligned in the turned world; its centre is mapped back to COLMAP's.
+        low, high, how_box = robust_box(model.points @ rotation.T, model.track_lengths, trim, model.source)
     if origin is None:
-        origin = 0.5 * (low + high)
+        origin = rotation.T @ (0.5 * (low + high))
         summary["origin_how"] = f"centre of the object's box ({how_box})"
     else:
         summary["origin_how"] = "--origin"
     origin = np.asarray(origin, dtype=np.float64)
     if scale is None:
-        scale = grid_side(low, high, origin, margin)
+        scale = grid_side(low, high, rotation @ origin, margin)
         summary["scale_how"] = f"largest side of the object's box x (1 + 2 x margin {margin:g})"
     else:
         summary["scale_how"] = "--scale"
     if not scale > 0:
         raise data_util.DataError(f"grid side {scale} must be positive (points collapse to a point?)")
-    transform = colmap_to_dataset(origin, scale)
-    cam2worlds = np.stack([move_camera(transform, image_cam2world(image)) for image in images])
+    transform = colmap_to_dataset(origin, scale, rotation)
+    cam2worlds = np.stack([move_camera(transform, cam2world) for cam2world in colmap_cam2worlds])
     auto_near, near_how = choose_near_plane(cam2worlds)
     depths = grid_corner_depths(cam2worlds)
     if near_plane is None:
@@ -592,12 +727,13 @@ def convert(model: SparseModel, image_dir: str, out_dir: str, resolution: Option
     centres = cam2worlds[:, :3, 3]
     distances = np.linalg.norm(centres, axis=1)
     summary.update(origin=origin, scale=float(scale), near_plane=float(near_plane), near_how=near_how,
-                   f=f_out, cx=cx_out, cy=cy_out, side=out_side, num_images=len(images))
+                   f=f_out, cx=cx_out, cy=cy_out, side=out_side, num_images=len(images), rotation=rotation)
     log.info("wrote %d images (%dx%d from %dx%d) to %s", len(images), out_side, out_side,
              camera.height, camera.width, out_dir)
     log.info("grid centre  %s (COLMAP units): %s", np.array2string(origin, precision=4), summary["origin_how"])
     log.info("grid side    %.4g (COLMAP units): %s", scale, summary["scale_how"])
-    log.info("world        rescaled so the grid is centred at 0 with side 1 (world_transform.txt)")
+    log.info("axes         %s", summary["align_how"])
+    log.info("world        turned, rescaled so the grid is centred at 0 with side 1 (world_transform.txt)")
     log.info("near plane   %.4f (grid sides): %s; frustum spans %.4f..%.4f", near_plane, near_how,
              near_plane, far_end)
     log.info("cameras      %.3f..%.3f grid sides from the grid centre (original datasets: about 1.5)",
@@ -623,6 +759,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--near_plane", type=float, default=None,
                         help="near plane in grid sides, as written to intrinsics.txt "
                              "(default: nearest grid corner over all cameras)")
+    parser.add_argument("--align", choices=("object", "none"), default="object",
+                        help="object: turn the world so that the cameras' mean up is +z and the object sits "
+                             "square in the grid; none: keep COLMAP's axes")
     parser.add_argument("--margin", type=float, default=0.1,
                         help="free space each side of the object, fraction of its extent")
     parser.add_argument("--trim", type=float, default=0.05,
@@ -665,7 +804,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             model = read_model(model_dir)
         convert(model, image_dir, args.out, resolution=args.resolution, origin=args.origin,
                 scale=args.scale, near_plane=args.near_plane, margin=args.margin, trim=args.trim,
-                max_focal_mismatch=args.max_focal_mismatch)
+                max_focal_mismatch=args.max_focal_mismatch, align=args.align)
     except (data_util.DataError, OSError) as err:
         message = " ".join(str(err).split())  # one line, whatever the cause
         print(f"error: {message}", file=sys.stderr)

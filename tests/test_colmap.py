@@ -191,6 +191,11 @@ def ground_truth_to_dataset(scene, out, points):
     return scene.to_colmap(points) @ transform[:3, :3].T + transform[:3, 3]
 
 
+def turn(transform):
+    """The rotation part of a (4, 4) similarity."""
+    return transform[:3, :3] / np.cbrt(np.linalg.det(transform[:3, :3]))
+
+
 def unit_grid_corners():
     return np.array(list(itertools.product((-0.5, 0.5), repeat=3)))
 
@@ -228,12 +233,14 @@ def test_poses_match_ground_truth(scene, converted):
         np.testing.assert_allclose(pose32, pose64, atol=1e-6)
         # Undo the normalisation, then the test's similarity: the renderer's camera comes back.
         centre = scene.to_ground_truth(dataset_to_colmap(converted, pose64[:3, 3]))
-        rot = scene.rotation.T @ pose64[:3, :3]
+        rot = scene.rotation.T @ turn(transform).T @ pose64[:3, :3]
         np.testing.assert_allclose(centre, scene.cam2worlds[k][:3, 3], atol=1e-6)
         np.testing.assert_allclose(rot, scene.cam2worlds[k][:3, :3], atol=1e-6)
         np.testing.assert_array_equal(pose64[3], [0, 0, 0, 1])
-    # The normalisation is a similarity with a uniform scale.
-    np.testing.assert_allclose(transform[:3, :3], transform[0, 0] * np.eye(3), atol=1e-15)
+    # The normalisation is a similarity: a rotation times a uniform scale.
+    rotation = turn(transform)
+    np.testing.assert_allclose(rotation @ rotation.T, np.eye(3), atol=1e-12)
+    assert np.linalg.det(rotation) == pytest.approx(1.0)
     names = [line.split()[1] for line in open(os.path.join(converted, "source_images.txt"))]
     assert names == sorted(scene.names)
 
@@ -350,7 +357,7 @@ def test_overrides_and_simple_pinhole(scene, tmp_path):
     origin = scene.to_colmap([0.0, 0.0, -0.07])
     assert colmap_import.main(["--colmap_dir", model_dir, "--images", scene.image_dir, "--out", out,
                                "--origin", *map(str, origin), "--scale", str(WORLD_SCALE),
-                               "--near_plane", "0.7"]) == 0
+                               "--near_plane", "0.7", "--align", "none"]) == 0
     intrinsic, _, scale, near_plane, _ = data_util.parse_intrinsics(os.path.join(out, "intrinsics.txt"), HEIGHT)
     assert (scale, near_plane) == (1.0, 0.7)
     np.testing.assert_allclose(intrinsic[0, 0], FOCAL)
@@ -363,6 +370,39 @@ def test_overrides_and_simple_pinhole(scene, tmp_path):
     pose = np.loadtxt(os.path.join(out, "pose", "000000.txt"))
     expected = scene.rotation @ (scene.cam2worlds[k][:3, 3] - [0.0, 0.0, -0.07])
     np.testing.assert_allclose(pose[:3, 3], expected, atol=1e-9)
+
+
+def test_alignment_puts_the_cube_square_in_the_grid(scene, converted):
+    """COLMAP's world is turned at random; the importer turns it back so that the cameras' up is +z and the
+    cube's faces are parallel to the grid's: ground-truth axes map onto dataset axes up to order and sign."""
+    gt_to_dataset = turn(np.loadtxt(os.path.join(converted, "world_transform.txt"))) @ scene.rotation
+    assert gt_to_dataset[:, 2] @ colmap_import.DATASET_UP > np.cos(np.deg2rad(2.0))  # up stays up
+    nearest_axes = np.round(gt_to_dataset)
+    assert sorted(np.abs(nearest_axes).sum(axis=0)) == [1, 1, 1]  # a signed permutation
+    angle = np.degrees(np.arccos(np.clip((np.trace(nearest_axes.T @ gt_to_dataset) - 1) / 2, -1, 1)))
+    assert angle < 2.0
+    # The grid is as tight as the margins allow: the cube (side 1 in ground truth) fills 1 / (1 + 2 margin).
+    inside = ground_truth_to_dataset(scene, converted, data_util.object_surface_points(OBJECT, 5000, seed=3)[0])
+    assert np.ptp(inside, axis=0).max() > 0.75
+
+
+def test_yaw_search_finds_a_square_footprint():
+    rng = np.random.RandomState(0)
+    square = rng.uniform(-1, 1, size=(4000, 2)) * [2.0, 1.0]  # a 4 x 2 rectangle
+    for degrees in (0.0, 17.0, 63.0, 89.5):
+        turned = square @ colmap_import.rotation_about_z(np.deg2rad(degrees))[:2, :2].T
+        back = np.rad2deg(colmap_import.best_yaw(turned))
+        assert min(abs(back + degrees) % 90, 90 - abs(back + degrees) % 90) < 0.3
+
+
+def test_rotation_between_unit_vectors():
+    rng = np.random.RandomState(0)
+    for a, b in [(rng.normal(size=3), rng.normal(size=3)), ([0, 0, 1.0], [0, 0, 1.0]), ([0, 0, 1.0], [0, 0, -1.0])]:
+        a, b = np.asarray(a) / np.linalg.norm(a), np.asarray(b) / np.linalg.norm(b)
+        rot = colmap_import.rotation_between(a, b)
+        np.testing.assert_allclose(rot @ a, b, atol=1e-12)
+        np.testing.assert_allclose(rot @ rot.T, np.eye(3), atol=1e-12)
+        assert np.linalg.det(rot) == pytest.approx(1.0)
 
 
 def test_refuses_distorted_camera(scene, tmp_path, no_colmap, capsys):
