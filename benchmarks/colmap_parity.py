@@ -6,10 +6,11 @@ the same configuration on the original and on the converted dataset and compares
 
     python benchmarks/colmap_parity.py --out /tmp/colmap_parity --config configs/demo.yaml --max_steps 300
 
-Prints one JSON line: {"original": {...}, "converted_auto": {...}[, "converted_matched": {...}]}.
-"converted_auto" (``--variants auto``, the default) uses the importer's automatic grid placement;
-"converted_matched" (``--variants matched``) passes --origin/--scale/--near_plane so the grid sits where the
-original dataset's grid is, up to the world's rotation (isolating the conversion from the placement).
+Prints one JSON line: {"original": {...}, "converted_auto": {...}[, ...]}.
+"converted_auto" (``--variants auto``, the default) uses the importer's automatic axes and grid placement;
+"converted_unaligned" (``--variants unaligned``) keeps COLMAP's (randomly turned) axes (``--align none``);
+"converted_matched" (``--variants matched``) keeps COLMAP's axes and passes --origin/--scale/--near_plane so
+the grid sits where the original dataset's grid is, up to the world's rotation.
 """
 from __future__ import annotations
 
@@ -113,8 +114,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--num_train", type=int, default=50)
     parser.add_argument("--num_test", type=int, default=20)
-    parser.add_argument("--variants", nargs="+", choices=("auto", "matched"), default=["auto"],
-                        help="converted datasets to train: automatic grid placement and/or the original's placement")
+    parser.add_argument("--variants", nargs="+", choices=("original", "auto", "unaligned", "matched"),
+                        default=["original", "auto"],
+                        help="datasets to train: the original, and converted with automatic axes and placement, "
+                             "with COLMAP's axes, and/or with COLMAP's axes and the original's placement")
     args, train_flags = parser.parse_known_args(argv)
 
     import colmap_import
@@ -129,11 +132,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model, photos = os.path.join(args.out, "sparse"), os.path.join(args.out, "photos")
     write_colmap_model(splits, args.object, model, photos, rotation, shift)
 
-    results = {"original": train_and_test(splits[0], splits[1], os.path.join(args.out, "logs_original"),
-                                          train_flags)}
-    placement = {"auto": [], "matched": ["--origin", *map(str, shift), "--scale", str(WORLD_SCALE),
-                                         "--near_plane", str(math.sqrt(3) / 2)]}
-    for variant in args.variants:
+    results = {}
+    if "original" in args.variants:
+        results["original"] = train_and_test(splits[0], splits[1], os.path.join(args.out, "logs_original"),
+                                             train_flags)
+    placement = {"auto": [], "unaligned": ["--align", "none"],
+                 "matched": ["--align", "none", "--origin", *map(str, shift), "--scale", str(WORLD_SCALE),
+                             "--near_plane", str(math.sqrt(3) / 2)]}
+    for variant in (v for v in args.variants if v != "original"):
         label, flags = f"converted_{variant}", placement[variant]
         converted = os.path.join(args.out, label, "all")
         assert colmap_import.main(["--colmap_dir", model, "--images", photos, "--out", converted, *flags]) == 0
