@@ -387,3 +387,47 @@ class UpsamplingNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ups(x)
+
+
+def _folding_target(layer: nn.Module) -> Optional[nn.Module]:
+    """The convolution whose output ``layer`` returns unchanged in scale (None: not a convolution)."""
+    if isinstance(layer, (Conv2dSame, Conv3dSame)):
+        layer = layer.net[1]
+    if isinstance(layer, nn.modules.conv._ConvNd) and layer.groups == 1:
+        return layer
+    return None
+
+
+def fold_batchnorm_(module: nn.Module) -> int:
+    """Fold every eval-mode BatchNorm that directly follows a convolution in an ``nn.Sequential`` into that
+    convolution's weight and bias, and replace it by ``nn.Identity``; returns how many were folded.
+
+    For inference only, on a module that will not be trained or saved again: the state_dict changes (BatchNorm
+    entries go, biases appear). The output is the same up to float rounding (the per-channel scale moves
+    from after the convolution's sums to before them) and one pass over every normalised activation is saved.
+    """
+    if module.training:
+        raise RuntimeError("fold_batchnorm_ needs eval mode: training-mode BatchNorm uses batch statistics")
+    folded = 0
+    for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(1, len(seq)):
+            norm, conv = seq[i], _folding_target(seq[i - 1])
+            if conv is None or not isinstance(norm, nn.modules.batchnorm._BatchNorm) or norm.running_mean is None:
+                continue
+            with torch.no_grad():
+                scale = torch.rsqrt(norm.running_var + norm.eps)
+                if norm.weight is not None:
+                    scale = scale * norm.weight
+                shift = -norm.running_mean * scale
+                if norm.bias is not None:
+                    shift = shift + norm.bias
+                # Output channels are dim 0 of a convolution's weight and dim 1 of a transposed one's.
+                out_dim = 1 if conv.transposed else 0
+                shape = [1] * conv.weight.dim()
+                shape[out_dim] = -1
+                conv.weight.mul_(scale.view(shape))
+                bias = shift if conv.bias is None else conv.bias * scale + shift
+            conv.bias = nn.Parameter(bias, requires_grad=False)
+            seq[i] = nn.Identity()
+            folded += 1
+    return folded
