@@ -33,7 +33,6 @@ import util
 from deep_voxels import DeepVoxels
 from losses import GANLoss, PatchDiscriminator
 from projection import EmptyFrustumError, ProjectionHelper
-from pytorch_prototyping import fold_batchnorm_
 
 log = logging.getLogger("deepvoxels")
 
@@ -849,9 +848,6 @@ def test(opt: Any, device: torch.device) -> dict[str, Any]:
     model = build_model(opt).to(device)
     model.load_state_dict(payload["model"], strict=True)
     model.eval()
-    # Test mode never trains or saves this model: BatchNorm can live inside the convolutions (same renders up
-    # to float rounding, one pass less over every normalised activation).
-    log.debug("folded %d BatchNorm layers into their convolutions", fold_batchnorm_(model))
     if opt.compile:
         compile_networks(model)
     dataset = dataio.TestDataset(opt.data_root, opt.img_sidelength)

@@ -19,11 +19,9 @@ from pytorch_prototyping.blocks import (
     UpBlock,
     UpBlock3D,
     UpsamplingNet,
-    fold_batchnorm_,
 )
 
 __all__ = [
     "Conv2dSame", "Conv3d", "Conv3dSame", "DownBlock", "DownBlock3D", "DownsamplingNet", "Identity", "Unet", "Unet3d",
     "UnetSkipConnectionBlock", "UnetSkipConnectionBlock3d", "UpBlock", "UpBlock3D", "UpsamplingNet",
-    "fold_batchnorm_",
 ]

@@ -105,27 +105,6 @@ def test_test_mode_renders_and_depths(reference_dir, geometry, small_model):
         np.testing.assert_allclose(cropped.numpy(), ref[f"rendered_cropped_{i}"], atol=ATOL, rtol=0)
 
 
-def test_test_mode_renders_with_folded_batchnorm(reference_dir, geometry):
-    """Test mode folds BatchNorm into the convolutions; the renders must still match the original's."""
-    from pytorch_prototyping import fold_batchnorm_
-    ref = np.load(os.path.join(reference_dir, "forward_test.npz"))
-    model = run_deepvoxels.build_model(SMALL)
-    model.load_state_dict(util.load_checkpoint(os.path.join(reference_dir, "small_ckpt.pth"))["model"])
-    model.eval()
-    norms = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    folded = fold_batchnorm_(model)
-    remaining = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    assert folded > 0.8 * norms and remaining == norms - folded
-    proj = [geometry.projection_indices(torch.from_numpy(ref[f"pose_{i}"])) for i in range(NUM_POSES)]
-    with torch.no_grad():
-        images, depths = model(None, [p[0] for p in proj], [p[1] for p in proj])
-    for i in range(NUM_POSES):
-        np.testing.assert_allclose(images[i].numpy(), ref[f"rendered_full_{i}"], atol=ATOL, rtol=0)
-        np.testing.assert_allclose(depths[i].numpy(), ref[f"depth_raw_{i}"], atol=ATOL, rtol=0)
-    with pytest.raises(RuntimeError, match="eval mode"):
-        fold_batchnorm_(model.train())
-
-
 def test_occlusion_weights_and_rendering_input(reference_dir, geometry, small_model):
     ref = np.load(os.path.join(reference_dir, "forward_test.npz"))
     from projection import sample_frustum
