@@ -128,3 +128,20 @@ def test_samplers_gradcheck_float64():
     feats = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
     uvd = torch.cat([torch.rand(2, 4, dtype=torch.float64) * 4.0, torch.ones(1, 4, dtype=torch.float64)])
     assert torch.autograd.gradcheck(lambda f: lift_features(f, lin, uvd, [2, 2, 2]), (feats,))
+
+
+def test_sampler_paths_with_and_without_autograd_agree():
+    """The sampler gathers all corners at once under autograd and one at a time without it."""
+    from projection import _scatter_weighted_corners
+    gen = torch.Generator().manual_seed(0)
+    src = torch.randn(2, 5, 300, generator=gen)
+    idx = torch.randint(0, 300, (8, 400), generator=gen)
+    weights = torch.rand(8, 400, generator=gen)
+    out_idx = torch.randperm(500, generator=gen)[:400]
+    with_grad = _scatter_weighted_corners(src.clone().requires_grad_(), idx, weights, out_idx, 500)
+    with torch.no_grad():
+        without = _scatter_weighted_corners(src, idx, weights, out_idx, 500)
+    expected = torch.zeros(2, 5, 500)
+    expected[:, :, out_idx] = (src[:, :, idx] * weights).sum(dim=2)
+    torch.testing.assert_close(without, with_grad, rtol=0, atol=1e-6)
+    torch.testing.assert_close(without, expected, rtol=0, atol=1e-5)
