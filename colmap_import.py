@@ -42,9 +42,10 @@ Grid placement
 --------------
 * axes (R, ``--align object``): COLMAP's axes are arbitrary, and a voxel grid turned against the object
   wastes voxels and draws its faces as staircases. The mean of the cameras' up vectors (-y of each
-  camera; photos are mostly taken upright) becomes +z, the built-in scenes' up. Then the yaw about +z
-  that fits the object's footprint (the sparse points, filtered as below) into the smallest square is
-  chosen: a box-shaped object ends up face-on. ``--align none`` keeps COLMAP's axes.
+  camera; photos are mostly taken upright) becomes +z, the built-in scenes' up. That up is corrected by
+  up to MAX_TILT_DEG, and the object turned about it, so that its sparse points (filtered as below) fit
+  the smallest cube (yaw and tilt searched alternately): a box-shaped object ends up face-on.
+  ``--align none`` keeps COLMAP's axes.
 * points: the sparse points, without those seen by fewer than MIN_TRACK_LENGTH images. The
   per-axis [trim, 1 - trim] quantiles give a core box that floaters and distant background cannot
   move; the object's box is the full extent of the points within TAIL_WINDOW core sizes of it
@@ -453,8 +454,8 @@ def align_to_object(cam2worlds: np.ndarray, points: np.ndarray, track_lengths: O
                     agreement, MIN_UP_AGREEMENT)
         return np.eye(3), f"none: the cameras' up vectors disagree (mean length {agreement:.2f})"
     rotation = rotation_between(up, DATASET_UP)
-    low, high, _ = robust_box(points @ rotation.T, track_lengths, trim, source)
     levelled = points @ rotation.T
+    low, high, _ = robust_box(levelled, track_lengths, trim, source)
     # The object's points (the filtered box), at most ALIGN_POINTS of them: enough for its extent.
     obj = points[np.all((levelled >= low) & (levelled <= high), axis=1)]
     obj = obj[np.random.RandomState(0).permutation(len(obj))[:ALIGN_POINTS]]
