@@ -225,9 +225,10 @@ def compile_networks(model: DeepVoxels, discriminator: Optional[nn.Module] = Non
     """torch.compile the convolutional networks in place (state_dict keys unchanged)."""
     names = ("feature_extractor", "rendering_net", "occlusion_net", "depth_collapse_net", "inpainting_net",
              "integration_net")
-    if model.recompute_padding:
+    if model.recompute_view_volume:
         log.warning("--save_memory is off under --compile: the compiler chooses what the backward pass keeps")
     model.save_memory(False)
+    model.recompute_cheap_layers = False  # its hooks would break the compiled graphs
     for name in names:
         if hasattr(model, name):
             getattr(model, name).compile()

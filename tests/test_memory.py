@@ -1,4 +1,5 @@
 """Memory savers must not change a single computed value: gradients are compared bit for bit."""
+import contextlib
 import math
 
 import numpy as np
@@ -30,13 +31,14 @@ def _pose(azimuth: float) -> torch.Tensor:
     return torch.from_numpy(data_util.look_at(data_util.spherical_position(azimuth, 30.0, 1.6)).astype(np.float32))
 
 
-def _train_step_grads(recompute: bool) -> tuple[dict, torch.Tensor]:
+def _train_step_grads(cheap: bool, heavy: bool) -> tuple[dict, torch.Tensor]:
     """One train-mode forward and backward of a small model from a fixed state and fixed dropout masks."""
     torch.manual_seed(0)
     model = DeepVoxels(SIDE, [MAP, MAP], [MAP, MAP], [GRID] * 3, num_grid_feats=8, nf0=8)
     model.deepvoxels.normal_(0.0, 0.1)
     model.train()
-    model.save_memory(recompute)
+    model.recompute_cheap_layers = cheap
+    model.save_memory(heavy)
     geometry = _geometry()
     image = torch.rand(1, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(1)) - 0.5
     lift = geometry.lifting_indices(_pose(0.0))
@@ -51,30 +53,31 @@ def _train_step_grads(recompute: bool) -> tuple[dict, torch.Tensor]:
     return grads, buffers
 
 
-def test_memory_savers_leave_gradients_and_buffers_bit_identical(monkeypatch):
-    rebuilt, runs = [], []
-    rebuild, run = memory._Repad.rebuild, memory._RunOnceThenRecompute.__call__
+@pytest.mark.parametrize("heavy", [False, True], ids=["cheap_layers", "with_save_memory"])
+def test_memory_savers_leave_gradients_and_buffers_bit_identical(monkeypatch, heavy):
+    remade, runs = [], []
+    make, run = memory._Recipe.make, memory._RunOnceThenRecompute.__call__
 
-    def counting_rebuild(self):
-        rebuilt.append(self.layer)
-        return rebuild(self)
+    def counting_make(self):
+        remade.append(type(self.layer))
+        return make(self)
 
     def counting_run(self, x):
         runs.append(self.calls)
         return run(self, x)
 
-    monkeypatch.setattr(memory._Repad, "rebuild", counting_rebuild)
+    monkeypatch.setattr(memory._Recipe, "make", counting_make)
     monkeypatch.setattr(memory._RunOnceThenRecompute, "__call__", counting_run)
-    grads_on, buffers_on = _train_step_grads(recompute=True)
-    assert rebuilt, "no padded tensor was rebuilt: the saver did nothing"
-    assert {type(layer) for layer in rebuilt} >= {nn.ReflectionPad2d, nn.ReplicationPad3d}
+    grads_on, buffers_on = _train_step_grads(cheap=True, heavy=heavy)
+    assert set(remade) >= {nn.ReflectionPad2d, nn.ReplicationPad3d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU,
+                           nn.LeakyReLU, nn.Dropout2d}, "a layer kind was kept instead of made again"
     # Feature extractor once; per target view the view volume and the rendering net's full-resolution
     # layers: each segment runs once forward and once more in the backward pass.
-    assert sorted(runs) == [0] * 5 + [1] * 5
-    rebuilt.clear()
+    assert sorted(runs) == ([0] * 5 + [1] * 5 if heavy else [])
+    remade.clear()
     runs.clear()
-    grads_off, buffers_off = _train_step_grads(recompute=False)
-    assert not rebuilt and not runs
+    grads_off, buffers_off = _train_step_grads(cheap=False, heavy=False)
+    assert not remade and not runs
     assert grads_on.keys() == grads_off.keys()
     for name in grads_on:
         assert torch.equal(grads_on[name], grads_off[name]), name
@@ -82,44 +85,74 @@ def test_memory_savers_leave_gradients_and_buffers_bit_identical(monkeypatch):
         assert torch.equal(buffers_on[name], buffers_off[name]), name
 
 
-def _pad_conv() -> nn.Sequential:
+def _conv_chain() -> nn.Sequential:
+    """A convolution and the cheap layers after it, as in the up blocks: only its output needs keeping."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(2, 4, 1), nn.ReflectionPad2d(1), nn.Conv2d(4, 3, 3))
+    return nn.Sequential(nn.Conv2d(2, 4, 1), nn.BatchNorm2d(4), nn.ReLU(True), nn.Dropout2d(0.5),
+                         nn.ReflectionPad2d(1), nn.Conv2d(4, 3, 3)).train()
 
 
-def test_padded_copy_is_freed_after_the_forward_pass():
-    net = _pad_conv()
-    padded = []
-    net[1].register_forward_hook(lambda _m, _i, out: padded.append(StorageWeakRef(out.untyped_storage())))
-    x = torch.randn(1, 2, 8, 8, requires_grad=True)
-    kept = net(x)
-    assert not padded[-1].expired(), "without the saver the convolution keeps the padded copy"
-    with memory.recompute_padding(net):
-        out = net(x)
-    assert padded[-1].expired(), "the padded copy outlived the forward pass"
-    (gx_kept,) = torch.autograd.grad(kept.square().sum(), x)
-    (gx,) = torch.autograd.grad(out.square().sum(), x)
-    assert torch.equal(gx, gx_kept)
+def _watch_outputs(net: nn.Module) -> list:
+    outputs = []
+    for layer in list(net)[1:5]:
+        layer.register_forward_hook(lambda _m, _i, out: outputs.append(StorageWeakRef(out.untyped_storage())))
+    return outputs
 
 
-def test_padding_input_changed_in_place_is_an_error():
-    net = _pad_conv()
-    x = torch.randn(1, 2, 8, 8)
-    with memory.recompute_padding(net):
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16_autocast"])
+def test_cheap_layer_outputs_are_freed_and_made_again_exactly(amp):
+    nets = {recompute: _conv_chain() for recompute in (False, True)}
+    watched = _watch_outputs(nets[True])
+    x = torch.randn(2, 2, 8, 8)
+    grads, outs = {}, {}
+    for recompute, net in nets.items():
+        inp = x.clone().requires_grad_()
+        torch.manual_seed(5)  # the same channel dropout mask
+        saver = memory.recompute_cheap_layers(net) if recompute else contextlib.nullcontext()
+        with saver, torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = net(inp)
+        torch.manual_seed(6)  # the backward pass must not depend on the generator's state
+        outs[recompute] = out.detach()
+        grads[recompute] = torch.autograd.grad(out.float().square().sum(), [inp, *net.parameters()])
+        if recompute:
+            # BatchNorm, ReLU (in place, so the same storage), dropout and padding outputs all died with the
+            # forward pass; only the convolution's output, which BatchNorm keeps, stayed.
+            assert all(ref.expired() for ref in watched), "a cheap layer's output outlived the forward pass"
+    assert torch.equal(outs[True], outs[False])
+    for a, b in zip(grads[True], grads[False]):
+        assert torch.equal(a, b)
+    for a, b in zip(nets[True].buffers(), nets[False].buffers()):
+        assert torch.equal(a, b)  # running statistics updated once
+
+
+def test_kept_input_changed_in_place_is_an_error():
+    net = _conv_chain()
+    x = torch.randn(2, 2, 8, 8, requires_grad=True)
+    with memory.recompute_cheap_layers(net):
         hidden = net[0](x)
-        out = net[2](net[1](hidden))
+        out = net[1:](hidden)
     with torch.no_grad():
-        hidden.mul_(2.0)  # the padding's input, needed to rebuild the padded copy
+        hidden.mul_(2.0)  # BatchNorm's input, from which the later outputs are made again
     with pytest.raises(RuntimeError, match="modified"):
         out.sum().backward()
 
 
-def test_recompute_padding_is_inert_without_gradients():
-    net = _pad_conv()
-    with torch.no_grad(), memory.recompute_padding(net):
-        out = net(torch.randn(1, 2, 8, 8))
+def test_parameters_changed_before_backward_are_an_error():
+    net = _conv_chain()
+    with memory.recompute_cheap_layers(net):
+        out = net(torch.randn(2, 2, 8, 8, requires_grad=True))
+    with torch.no_grad():
+        net[1].weight.add_(1.0)  # the BatchNorm whose output the last convolution needs
+    with pytest.raises(RuntimeError, match="parameters"):
+        out.sum().backward()
+
+
+def test_recompute_is_inert_without_gradients():
+    net = _conv_chain()
+    with torch.no_grad(), memory.recompute_cheap_layers(net):
+        out = net(torch.randn(2, 2, 8, 8))
     assert out.grad_fn is None
-    assert all(not hook for m in net.modules() for hook in (m._forward_hooks,))
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
 
 
 def _trainer_after_steps(step_in_backward: bool, steps: int = 2):
