@@ -183,7 +183,10 @@ class OcclusionNet(nn.Module):
         """Args: frustum (B, C, D, H, W).
         Returns: weights (B, 1, D, H, W) summing to 1 over D; depth (B, 1, H, W) in [-1/2, 1/2)."""
         b = frustum.shape[0]
-        depth_coords = self.depth_coords.to(frustum.dtype).expand(b, 1, -1, *self.frustum_hw)
+        # Materialised channels-last like the sampled volume: the concatenations below then stay channels-last
+        # too, and the padded inputs reach the 3D convolutions without another copy.
+        depth_coords = self.depth_coords.to(frustum.dtype).expand(b, 1, -1, *self.frustum_hw).contiguous(
+            memory_format=torch.channels_last_3d)
         prep = self.occlusion_prep(torch.cat((depth_coords, frustum), dim=1))
         feats = self.occlusion_net(prep)
         weights = self.softmax_net(torch.cat((prep, feats, depth_coords), dim=1))

@@ -144,8 +144,10 @@ class DeepVoxels(nn.Module):
         collapse net's output); depth (V, 1, H, W) as in ``render``.
         """
         dims = (self.frustum_depth, *self.frustum_img_dims)
-        frustum = torch.cat([sample_frustum(inpainted, idx, coords, dims)
-                             for idx, coords in zip(proj_frustum_idcs, proj_grid_coords)], dim=0)
+        # Concatenated in the samples' channels-last layout (torch.cat would return (V, C, D, H, W)-contiguous):
+        # the occlusion net's concatenations, pads and 3D convolutions then need no layout copies.
+        frustum = torch.cat([sample_frustum(inpainted, idx, coords, dims).permute(0, 2, 3, 4, 1)
+                             for idx, coords in zip(proj_frustum_idcs, proj_grid_coords)], dim=0).permute(0, 4, 1, 2, 3)
         views = frustum.shape[0]
         if self.use_occlusion_net:
             weights, depth = self.occlusion_net(frustum)
