@@ -18,7 +18,7 @@ which silently collapses the unravelled coordinates. ``unravel_index`` is the on
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -172,7 +172,8 @@ class ProjectionHelper:
 
 
 def _scatter_weighted_corners(src: torch.Tensor, corner_idx: torch.Tensor, corner_w: torch.Tensor,
-                              out_idx: torch.Tensor, out_size: int) -> torch.Tensor:
+                              out_idx: torch.Tensor, out_size: int, out: Optional[torch.Tensor] = None
+                              ) -> torch.Tensor:
     """The one sampler: ``out[..., out_idx[m]] = sum_k src[..., corner_idx[k, m]] * corner_w[k, m]``.
 
     Args:
@@ -181,6 +182,7 @@ def _scatter_weighted_corners(src: torch.Tensor, corner_idx: torch.Tensor, corne
         corner_w: (K, M) interpolation weights.
         out_idx: (M,) int64 distinct indices into the flattened output.
         out_size: length of the flattened output.
+        out: optional zero-filled (out_size, B*C) buffer, written in place (not under autograd).
     Returns:
         (B, C, out_size), stored position-major (channels-last); entries not in ``out_idx`` are zero.
 
@@ -206,7 +208,12 @@ def _scatter_weighted_corners(src: torch.Tensor, corner_idx: torch.Tensor, corne
         values = rows.index_select(0, corner_idx[0]) * weights[0, :, None]
         for corner in range(1, k):
             values += rows.index_select(0, corner_idx[corner]) * weights[corner, :, None]
-    out = src.new_zeros(out_size, b * c).index_copy(0, out_idx, values)
+    if out is None:
+        out = src.new_zeros(out_size, b * c).index_copy(0, out_idx, values)
+    else:
+        if torch.is_grad_enabled() and src.requires_grad:
+            raise ValueError("_scatter_weighted_corners: out= is for sampling without autograd")
+        out.index_copy_(0, out_idx, values)
     return out.t().view(b, c, out_size)
 
 
@@ -238,15 +245,16 @@ def lift_features(img_feats: torch.Tensor, lin: torch.Tensor, coords: torch.Tens
 
 
 def sample_frustum(grid: torch.Tensor, lin: torch.Tensor, voxel_coords: torch.Tensor,
-                   frustum_dims: Sequence[int]) -> torch.Tensor:
+                   frustum_dims: Sequence[int], out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Trilinearly resample the grid into a camera's canonical view volume.
 
     Args:
         grid: (B, C, G, G, G) with spatial axes (z, y, x).
         lin, voxel_coords: from ``ProjectionHelper.projection_indices``; voxel_coords rows (x, y, z).
         frustum_dims: (D, H, W) of the view volume.
+        out: optional zero-filled (D * H * W, B * C) buffer to sample into (without autograd).
     Returns:
-        (B, C, D, H, W) with axes (k, v, u); cells outside the grid are zero.
+        (B, C, D, H, W) with axes (k, v, u), stored channels-last; cells outside the grid are zero.
     """
     b, c, gz, gy, gx = grid.shape
     x, y, z = voxel_coords[0], voxel_coords[1], voxel_coords[2]
@@ -260,6 +268,6 @@ def sample_frustum(grid: torch.Tensor, lin: torch.Tensor, voxel_coords: torch.Te
                 idx.append((zi * gy + yi) * gx + xi)
                 wts.append(wz * wy * wx)
     d, h, w = frustum_dims
-    out = _scatter_weighted_corners(grid.reshape(b, c, gz * gy * gx), torch.stack(idx), torch.stack(wts),
-                                    lin, d * h * w)
-    return out.view(b, c, d, h, w)
+    samples = _scatter_weighted_corners(grid.reshape(b, c, gz * gy * gx), torch.stack(idx), torch.stack(wts),
+                                        lin, d * h * w, out)
+    return samples.view(b, c, d, h, w)

@@ -145,3 +145,27 @@ def test_sampler_paths_with_and_without_autograd_agree():
     expected[:, :, out_idx] = (src[:, :, idx] * weights).sum(dim=2)
     torch.testing.assert_close(without, with_grad, rtol=0, atol=1e-6)
     torch.testing.assert_close(without, expected, rtol=0, atol=1e-5)
+    buffer = torch.zeros(500, 2 * 5)
+    with torch.no_grad():
+        into = _scatter_weighted_corners(src, idx, weights, out_idx, 500, out=buffer)
+    assert into.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+    assert torch.equal(into, without)
+    with pytest.raises(ValueError, match="autograd"):
+        _scatter_weighted_corners(src.clone().requires_grad_(), idx, weights, out_idx, 500, out=buffer)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_visibility_weighted_mean_matches_the_product_form(channels_last):
+    from deep_voxels import visibility_weighted_mean
+    gen = torch.Generator().manual_seed(0)
+    frustum = torch.randn(3, 5, 7, 4, 6, generator=gen)
+    weights = torch.softmax(torch.randn(3, 1, 7, 4, 6, generator=gen), dim=2)
+    if channels_last:  # the layout the sampler writes
+        frustum = frustum.contiguous(memory_format=torch.channels_last_3d)
+    expected = torch.mean(weights * frustum, dim=2)
+    with torch.no_grad():
+        planewise = visibility_weighted_mean(weights, frustum)
+    torch.testing.assert_close(planewise, expected, rtol=0, atol=1e-6)
+    # Under autograd it is the product form itself, with its gradients.
+    tracked = frustum.clone().requires_grad_()
+    assert torch.equal(visibility_weighted_mean(weights, tracked), expected)
