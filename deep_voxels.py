@@ -17,6 +17,7 @@ from pytorch_prototyping.memory import recompute_cheap_layers, recompute_in_back
 OCCNET_FEATURES = 4  # channels inside the occlusion net's 3D U-Net (original constant)
 INPAINTING_NUM_DOWN = 2  # levels of the 3D inpainting U-Net
 FRUSTUM_DEPTH_PER_VOXEL = 2  # depth planes per grid voxel: the view volume spans 2 * G planes
+CHEAP_RECOMPUTE_MIN_SIDELENGTH = 256  # image side from which cheap layers are recomputed by default
 
 
 def visibility_weighted_mean(weights: torch.Tensor, frustum: torch.Tensor) -> torch.Tensor:
@@ -99,18 +100,20 @@ class DeepVoxels(nn.Module):
 
         # Set by the last training forward for the summaries (the loop draws them, never forward).
         self.last_gates: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-        # Outputs of BatchNorm, ReLU, dropout and padding layers are made again in the backward pass
-        # instead of kept (``recompute_cheap_layers``): same values, ~1.2 GB less at 512 px, no measurable
-        # time. Off only where hooks cannot run (torch.compile).
-        self.recompute_cheap_layers = True
+        # Outputs of BatchNorm, ReLU, dropout and padding layers are made again in the backward pass instead
+        # of kept (``recompute_cheap_layers``): same values, ~1.2 GB less at 512 px for no measurable time.
+        # Small images save little and pay the hooks' Python overhead (+25% per step at 128 px), so by
+        # default it starts at 256 px; ``--save_memory`` turns it on at any size, torch.compile off.
+        self.recompute_cheap_by_default = img_sidelength >= CHEAP_RECOMPUTE_MIN_SIDELENGTH
         self.save_memory(False)
 
     def save_memory(self, enabled: bool) -> None:
-        """The heavier training-memory savers (``--save_memory``), none of which changes any value: the
-        full-resolution layers of the feature extractor and the rendering net, and each view volume with
-        its occlusion net, are run again in the backward pass instead of keeping their activations. Costs
-        one more forward pass of those layers (README, Performance). Not combined with torch.compile,
-        whose partitioner decides what the backward keeps."""
+        """The training-memory savers (``--save_memory``), none of which changes any value: cheap layers
+        are made again at every image size, and the full-resolution layers of the feature extractor and the
+        rendering net, and each view volume with its occlusion net, are run again in the backward pass
+        instead of keeping their activations. Costs one more forward pass of those layers (README,
+        Performance). Not combined with torch.compile, whose partitioner decides what the backward keeps."""
+        self.recompute_cheap_layers = enabled or self.recompute_cheap_by_default
         self.recompute_view_volume = enabled
         self.feature_extractor.recompute_full_resolution = enabled
         self.rendering_net.recompute_full_resolution = enabled

@@ -101,8 +101,9 @@ def build_parser() -> configargparse.ArgumentParser:
     p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="autocast precision")
     p.add_argument("--compile", action="store_true", help="torch.compile the 2D and 3D networks")
     p.add_argument("--save_memory", action="store_true",
-                   help="re-pad, and recompute the full-resolution layers and the view volumes, in the backward "
-                        "pass instead of keeping them (same values; ~20%% slower; on CPU the peak drops only ~0.3 GB)")
+                   help="recompute cheap layers at any image size, and the full-resolution layers and the view "
+                        "volumes, in the backward pass instead of keeping them (same values); on CPU also return "
+                        "freed blocks of 1 MiB and up to the OS. ~35%% slower; peak RSS at 512 px 5.7 -> 4.6 GB")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0: torch's default; 1 is steadier on a shared machine)")
     p.add_argument("--log_level", default="INFO", help="logging level")
@@ -421,6 +422,8 @@ class Trainer:
     def __init__(self, opt: Any, device: torch.device, dist_ctx: Optional[DistContext] = None):
         self.opt, self.device = opt, device
         self.dist = dist_ctx or DistContext()
+        if getattr(opt, "save_memory", False) and device.type == "cpu" and not util.return_freed_blocks_to_os():
+            log.warning("--save_memory: cannot set the C library's mmap threshold (not glibc)")
         self.model = build_model(opt).to(device)
         self.discriminator = PatchDiscriminator(input_nc=3).to(device)
         self.criterion_gan = GANLoss()

@@ -37,8 +37,8 @@ def _train_step_grads(cheap: bool, heavy: bool) -> tuple[dict, torch.Tensor]:
     model = DeepVoxels(SIDE, [MAP, MAP], [MAP, MAP], [GRID] * 3, num_grid_feats=8, nf0=8)
     model.deepvoxels.normal_(0.0, 0.1)
     model.train()
-    model.recompute_cheap_layers = cheap
     model.save_memory(heavy)
+    model.recompute_cheap_layers = cheap  # by default off at this small size
     geometry = _geometry()
     image = torch.rand(1, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(1)) - 0.5
     lift = geometry.lifting_indices(_pose(0.0))
@@ -188,3 +188,44 @@ def test_generator_step_in_backward_matches_one_step_after_backward():
     for key, per_param in state_fused["state"].items():
         for field, value in per_param.items():
             assert torch.equal(value, state_plain["state"][key][field]), (key, field)
+
+
+def test_cheap_layers_are_recomputed_by_default_from_256_px_and_always_with_save_memory():
+    for side, default in ((128, False), (256, True), (512, True)):
+        model = DeepVoxels(side, [MAP, MAP], [MAP, MAP], [GRID] * 3, num_grid_feats=8, nf0=8)
+        assert model.recompute_cheap_layers is default, side
+        model.save_memory(True)
+        assert model.recompute_cheap_layers and model.recompute_view_volume
+        model.save_memory(False)
+        assert model.recompute_cheap_layers is default and not model.recompute_view_volume
+
+
+def test_freed_blocks_go_back_to_the_os_after_mallopt():
+    """In a fresh process (the setting is process-wide): a freed 4 MiB block stays resident in glibc's
+    heap once the threshold has adapted upwards, and is returned after ``return_freed_blocks_to_os``."""
+    import subprocess
+    import sys
+    code = """
+import ctypes, sys
+import util
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+def resident_after_free(size):
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    before = rss()
+    libc.free(block)
+    return before - rss() < size // 2
+libc.free(libc.malloc(16 << 20))  # freeing a mapped 16 MiB block raises glibc's threshold above 4 MiB
+first = resident_after_free(4 << 20)
+ok = util.return_freed_blocks_to_os()
+print(first, ok, resident_after_free(4 << 20))
+"""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc only")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1])).stdout.split()
+    assert out == ["True", "True", "False"]
