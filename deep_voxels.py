@@ -23,20 +23,19 @@ CHEAP_RECOMPUTE_MIN_SIDELENGTH = 256  # image side from which cheap layers are r
 def visibility_weighted_mean(weights: torch.Tensor, frustum: torch.Tensor) -> torch.Tensor:
     """``mean(weights * frustum, dim=2)``: weights (V, 1, D, H, W), frustum (V, C, D, H, W) -> (V, C, H, W).
 
-    Without autograd, in float32/64, the D planes are accumulated one at a time (in order k = 0..D-1, then
-    divided by D) instead of forming the (V, C, D, H, W) product and reducing it along a strided axis: at
-    512 px ~25x faster for a batch of test views, equal up to float rounding (~1e-7). With autograd the
-    product form is kept: its backward is one broadcast multiply, where per-plane slices would each
-    scatter into a full-size gradient.
+    Without autograd the D planes are accumulated one at a time (in order k = 0..D-1, in float32 at least,
+    then divided by D) instead of forming the (V, C, D, H, W) product and reducing it along a strided axis:
+    at 512 px ~25x faster for a batch of test views, equal up to float rounding (~1e-7 in float32). With
+    autograd the product form is kept: its backward is one broadcast multiply, where per-plane slices
+    would each scatter into a full-size gradient.
     """
-    if torch.is_grad_enabled() and (weights.requires_grad or frustum.requires_grad) \
-            or frustum.dtype not in (torch.float32, torch.float64):
+    if torch.is_grad_enabled() and (weights.requires_grad or frustum.requires_grad):
         return torch.mean(weights * frustum, dim=2)
-    planes, plane_weights = frustum.unbind(2), weights.to(frustum.dtype).unbind(2)  # D x (V, C or 1, H, W)
-    total = planes[0] * plane_weights[0]
+    planes, plane_weights = frustum.unbind(2), weights.unbind(2)  # D x (V, C or 1, H, W)
+    total = planes[0].to(torch.promote_types(frustum.dtype, torch.float32)) * plane_weights[0]
     for plane, weight in zip(planes[1:], plane_weights[1:]):
         total.addcmul_(plane, weight)
-    return total.div_(len(planes))
+    return total.div_(len(planes)).to(torch.promote_types(frustum.dtype, weights.dtype))
 
 
 class DeepVoxels(nn.Module):
