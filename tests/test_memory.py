@@ -229,3 +229,12 @@ print(first, ok, resident_after_free(4 << 20))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1])).stdout.split()
     assert out == ["True", "True", "False"]
+
+
+def test_2d_convolution_weights_are_stored_channels_last():
+    model = DeepVoxels(SIDE, [MAP, MAP], [MAP, MAP], [GRID] * 3, num_grid_feats=8, nf0=8)
+    weights = [p for net in (model.feature_extractor, model.rendering_net) for p in net.parameters() if p.dim() == 4]
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    # The checkpoint aliases of Conv2dSame still name the same parameters.
+    same = [m for m in model.rendering_net.modules() if hasattr(m, "net") and hasattr(m, "weight")]
+    assert same and all(m.weight is m.net[1].weight for m in same)
