@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import util
-from pytorch_prototyping import Conv2dSame, Conv3d, Conv3dSame, DownsamplingNet, Unet, Unet3d, UpsamplingNet
+from pytorch_prototyping import (Conv2dSame, Conv3d, Conv3dSame, DownsamplingNet, ReplicationPad3d, Unet, Unet3d,
+                                  UpsamplingNet)
 from pytorch_prototyping.memory import recompute_in_backward
 
 RENDER_DROPOUT = 0.1  # dropout probability inside the rendering net (original default)
@@ -99,7 +100,7 @@ class RenderingNet(nn.Module):
 
 def _padded_conv3d(in_channels: int, out_channels: int, bias: bool, dropout: float = 0.0) -> nn.Sequential:
     """Replication pad 1 + 3^3 convolution (+ channel dropout). Layer indices match the original's keys."""
-    layers: list[nn.Module] = [nn.ReplicationPad3d(1),
+    layers: list[nn.Module] = [ReplicationPad3d(1),
                                Conv3d(in_channels, out_channels, kernel_size=3, padding=0, bias=bias)]
     if dropout:
         # The original used Dropout2d on these 5-D volumes, which drops whole channels; Dropout3d does exactly

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pytorch_prototyping import ReflectionPad2d
+
 GAN_EPS = 1e-9  # keeps log() finite when the discriminator saturates
 DISCRIMINATOR_NDF = 28  # filters in the discriminator's first layer (original default)
 DISCRIMINATOR_LAYERS = 3
@@ -29,7 +31,7 @@ class PatchDiscriminator(nn.Module):
     def __init__(self, input_nc: int, ndf: int = DISCRIMINATOR_NDF, n_layers: int = DISCRIMINATOR_LAYERS):
         super().__init__()
         layers: list[nn.Module] = [
-            nn.ReflectionPad2d(1),
+            ReflectionPad2d(1),
             nn.Conv2d(input_nc, ndf, kernel_size=4, stride=2, padding=0),
             nn.LeakyReLU(LEAKY_SLOPE, True),
         ]
@@ -37,14 +39,14 @@ class PatchDiscriminator(nn.Module):
         for n in range(n_layers):
             prev, mult = mult, min(2 ** (n + 1), 8)
             layers += [
-                nn.ReflectionPad2d(1),
+                ReflectionPad2d(1),
                 nn.Conv2d(ndf * prev, ndf * mult, kernel_size=4, stride=1 if n == n_layers - 1 else 2, padding=0),
                 nn.BatchNorm2d(ndf * mult),
                 nn.Dropout2d(DISCRIMINATOR_DROPOUT),
                 nn.LeakyReLU(LEAKY_SLOPE, True),
             ]
         layers += [
-            nn.ReflectionPad2d(1),
+            ReflectionPad2d(1),
             nn.Conv2d(ndf * mult, 1, kernel_size=4, stride=1, padding=0),
             nn.Sigmoid(),
         ]

@@ -12,6 +12,8 @@ from pytorch_prototyping.blocks import (
     DownBlock3D,
     DownsamplingNet,
     Identity,
+    ReflectionPad2d,
+    ReplicationPad3d,
     Unet,
     Unet3d,
     UnetSkipConnectionBlock,
@@ -22,6 +24,7 @@ from pytorch_prototyping.blocks import (
 )
 
 __all__ = [
-    "Conv2dSame", "Conv3d", "Conv3dSame", "DownBlock", "DownBlock3D", "DownsamplingNet", "Identity", "Unet", "Unet3d",
+    "Conv2dSame", "Conv3d", "Conv3dSame", "DownBlock", "DownBlock3D", "DownsamplingNet", "Identity", "ReflectionPad2d",
+    "ReplicationPad3d", "Unet", "Unet3d",
     "UnetSkipConnectionBlock", "UnetSkipConnectionBlock3d", "UpBlock", "UpBlock3D", "UpsamplingNet",
 ]

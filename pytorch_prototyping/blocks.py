@@ -23,6 +23,24 @@ POST_CONV_DROPOUT = 0.1  # the original hard-codes this probability after an UpB
 ONEDNN_MIN_SIZE = 20480
 
 
+class _PadInInputDtype:
+    """Mixin for padding layers: pad in the input's dtype. CPU autocast lists the padding ops among those
+    it runs in float32, so a bfloat16 activation would be copied to float32, padded, and cast back by the
+    convolution after it. Padding only copies values, so the result is identical either way."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x)
+
+
+class ReflectionPad2d(_PadInInputDtype, nn.ReflectionPad2d):
+    """``nn.ReflectionPad2d`` in the input's dtype under autocast."""
+
+
+class ReplicationPad3d(_PadInInputDtype, nn.ReplicationPad3d):
+    """``nn.ReplicationPad3d`` in the input's dtype under autocast."""
+
+
 def _same_padding(kernel_size: int) -> tuple[int, int]:
     """(before, after) padding that keeps a stride-1 convolution's output the size of its input."""
     before = kernel_size // 2
@@ -38,7 +56,7 @@ class Conv2dSame(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True,
-                 padding_layer: Type[nn.Module] = nn.ReflectionPad2d):
+                 padding_layer: Type[nn.Module] = ReflectionPad2d):
         super().__init__()
         before, after = _same_padding(kernel_size)
         self.net = nn.Sequential(
@@ -101,7 +119,7 @@ class Conv3dSame(nn.Module):
     """Stride-1 3D convolution with replication padding so that D, H and W are unchanged."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True,
-                 padding_layer: Type[nn.Module] = nn.ReplicationPad3d):
+                 padding_layer: Type[nn.Module] = ReplicationPad3d):
         super().__init__()
         before, after = _same_padding(kernel_size)
         self.net = nn.Sequential(
@@ -119,7 +137,7 @@ class DownBlock3D(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, norm: Optional[Type[nn.Module]] = nn.BatchNorm3d):
         super().__init__()
         layers: list[nn.Module] = [
-            nn.ReplicationPad3d(1),
+            ReplicationPad3d(1),
             nn.Conv3d(in_channels, out_channels, kernel_size=4, padding=0, stride=2, bias=norm is None),
         ]
         if norm is not None:
@@ -196,7 +214,7 @@ class DownBlock(nn.Module):
             middle_channels = in_channels
         layers: list[nn.Module] = []
         if prep_conv:
-            layers += [nn.ReflectionPad2d(1),
+            layers += [ReflectionPad2d(1),
                        nn.Conv2d(in_channels, middle_channels, kernel_size=3, padding=0, stride=1,
                                  bias=norm is None)]
             if norm is not None:
@@ -204,7 +222,7 @@ class DownBlock(nn.Module):
             layers.append(nn.LeakyReLU(LEAKY_SLOPE, True))
             if use_dropout:
                 layers.append(nn.Dropout2d(dropout_prob, False))
-        layers += [nn.ReflectionPad2d(1),
+        layers += [ReflectionPad2d(1),
                    nn.Conv2d(middle_channels, out_channels, kernel_size=4, padding=0, stride=2, bias=norm is None)]
         if norm is not None:
             layers.append(norm(out_channels, affine=True))
