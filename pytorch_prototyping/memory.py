@@ -48,9 +48,15 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
 
 class _Recipe:
     """How to make a layer's output again: the layer applied to its source, which is either a tensor the
-    backward pass keeps anyway (checked for in-place changes) or another recipe."""
+    backward pass keeps anyway (checked for in-place changes) or another recipe.
 
-    __slots__ = ("layer", "source", "source_version", "param_versions", "rng", "stride", "autocast")
+    A made output is kept (``cache``) while saved tensors that need it, directly or through later recipes
+    of the chain, are still to be unpacked (``pending``), so one backward pass makes each output once.
+    Not when an in-place layer consumes it: that would overwrite the kept copy.
+    """
+
+    __slots__ = ("layer", "source", "source_version", "param_versions", "rng", "stride", "autocast", "pending",
+                 "cache", "consumed_in_place")
 
     def __init__(self, layer: nn.Module, source: Union[torch.Tensor, "_Recipe"], rng: Optional[tuple],
                  output: torch.Tensor):
@@ -59,9 +65,23 @@ class _Recipe:
         self.param_versions = [p._version for p in layer.parameters(recurse=False)]
         kind = output.device.type
         self.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        self.pending, self.cache, self.consumed_in_place = 0, None, False
+        if isinstance(source, _Recipe) and getattr(layer, "inplace", False):
+            source.consumed_in_place = True
+
+    def chain(self) -> Iterator["_Recipe"]:
+        recipe: Union[torch.Tensor, _Recipe] = self
+        while isinstance(recipe, _Recipe):
+            yield recipe
+            recipe = recipe.source
 
     def make(self) -> torch.Tensor:
         """The layer's whole output, as the forward pass made it."""
+        out = self.cache if self.cache is not None else self._make()
+        self.cache = out if self.pending > 0 and not self.consumed_in_place else None
+        return out
+
+    def _make(self) -> torch.Tensor:
         if isinstance(self.source, _Recipe):
             source = self.source.make()
         else:
@@ -118,8 +138,12 @@ class _Saved:
 
     def __init__(self, recipe: _Recipe, view: torch.Tensor):
         self.recipe, self.size, self.stride, self.offset = recipe, view.size(), view.stride(), view.storage_offset()
+        for step in recipe.chain():
+            step.pending += 1
 
     def tensor(self) -> torch.Tensor:
+        for step in self.recipe.chain():
+            step.pending -= 1
         return self.recipe.make().as_strided(self.size, self.stride, self.offset)
 
 

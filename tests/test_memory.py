@@ -111,6 +111,9 @@ def test_cheap_layer_outputs_are_freed_and_made_again_exactly(monkeypatch, amp):
         return torch.full(self.size, float("nan"), dtype=self.dtype).as_strided(self.size, self.stride)
 
     monkeypatch.setattr(memory._ShapeOnly, "tensor", poisoned)
+    made = []
+    make = memory._Recipe._make
+    monkeypatch.setattr(memory._Recipe, "_make", lambda self: made.append(type(self.layer).__name__) or make(self))
     nets = {recompute: _conv_chain() for recompute in (False, True)}
     watched = _watch_outputs(nets[True])
     x = torch.randn(2, 2, 8, 8)
@@ -129,6 +132,9 @@ def test_cheap_layer_outputs_are_freed_and_made_again_exactly(monkeypatch, amp):
             # forward pass; only the convolution's output, which BatchNorm keeps, stayed.
             assert all(ref.expired() for ref in watched), "a cheap layer's output outlived the forward pass"
     assert placeholders == [torch.Size([2, 4, 8, 8])]
+    # Each output made once: the ReLU's, needed by the last convolution's and by its own backward, is kept
+    # in between; BatchNorm's is overwritten by the in-place ReLU and made only for it.
+    assert sorted(made) == ["BatchNorm2d", "Dropout2d", "ReLU", "ReflectionPad2d"]
     assert torch.equal(outs[True], outs[False])
     for a, b in zip(grads[True], grads[False]):
         assert torch.equal(a, b)
