@@ -103,7 +103,7 @@ def build_parser() -> configargparse.ArgumentParser:
     p.add_argument("--save_memory", action="store_true",
                    help="recompute cheap layers at any image size, and the full-resolution layers and the view "
                         "volumes, in the backward pass instead of keeping them (same values); on CPU also return "
-                        "freed blocks of 1 MiB and up to the OS. ~35%% slower; peak RSS at 512 px 5.7 -> 4.6 GB")
+                        "freed blocks of 1 MiB and up to the OS. ~30%% slower; peak RSS at 512 px 5.6 -> 4.6 GB")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0: torch's default; 1 is steadier on a shared machine)")
     p.add_argument("--log_level", default="INFO", help="logging level")
