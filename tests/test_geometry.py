@@ -131,7 +131,7 @@ def test_samplers_gradcheck_float64():
 
 
 def test_sampler_paths_with_and_without_autograd_agree():
-    """The sampler gathers all corners at once under autograd and one at a time without it."""
+    """With and without autograd the sampler gives the same result, and the one computed directly."""
     from projection import _scatter_weighted_corners
     gen = torch.Generator().manual_seed(0)
     src = torch.randn(2, 5, 300, generator=gen)
