@@ -184,7 +184,6 @@ class DeepVoxels(nn.Module):
                 sample_frustum(inpainted, idx, coords, dims, out=frustum[view])
             frustum = frustum.view(views, *dims, channels)
         frustum = frustum.permute(0, 4, 1, 2, 3)
-        views = frustum.shape[0]
         if self.use_occlusion_net:
             weights, depth = self.occlusion_net(frustum)
             features = visibility_weighted_mean(weights, frustum)  # (V, C, H, W)
