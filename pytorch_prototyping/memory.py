@@ -25,15 +25,15 @@ from torch.nn import functional as F
 PADDING_LAYERS = (nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
                   nn.ReplicationPad2d, nn.ReplicationPad3d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d,
                   nn.ConstantPad3d)
-# Layers whose backward pass keeps their input: a recipe may hold that input at no cost.
-KEEP_INPUT_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.ReflectionPad1d, nn.ReflectionPad2d,
-                     nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d)
 # Padding layers whose backward uses their saved input only for its shape (reflection/replication pads).
 SHAPE_ONLY_BACKWARD_LAYERS = (nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
                               nn.ReplicationPad2d, nn.ReplicationPad3d)
+# Layers whose input a recipe may hold without keeping memory that would otherwise be freed: BatchNorm's
+# backward keeps it anyway, and a saved padded copy needs it (and is larger).
+KEEP_INPUT_LAYERS = (nn.modules.batchnorm._BatchNorm,) + SHAPE_ONLY_BACKWARD_LAYERS
 ACTIVATION_LAYERS = (nn.ReLU, nn.LeakyReLU)
 DROPOUT_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
-CHEAP_LAYERS = PADDING_LAYERS + KEEP_INPUT_LAYERS + ACTIVATION_LAYERS + DROPOUT_LAYERS
+CHEAP_LAYERS = PADDING_LAYERS + (nn.modules.batchnorm._BatchNorm,) + ACTIVATION_LAYERS + DROPOUT_LAYERS
 
 
 def _rng_state(device: torch.device) -> tuple:
