@@ -100,6 +100,9 @@ def build_parser() -> configargparse.ArgumentParser:
     p.add_argument("--view_batch", type=int, default=8, help="views rendered per forward in test mode and validation")
     p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="autocast precision")
     p.add_argument("--compile", action="store_true", help="torch.compile the 2D and 3D networks")
+    p.add_argument("--tf32", action="store_true",
+                   help="CUDA: float32 convolutions and matrix products on TF32 tensor cores (faster, ~1e-3 "
+                        "relative error; off by default, as the original computed in full float32)")
     p.add_argument("--save_memory", action="store_true",
                    help="recompute cheap layers at any image size, and the full-resolution layers and the view "
                         "volumes, in the backward pass instead of keeping them (same values); on CPU also return "
@@ -422,9 +425,17 @@ class Trainer:
     def __init__(self, opt: Any, device: torch.device, dist_ctx: Optional[DistContext] = None):
         self.opt, self.device = opt, device
         self.dist = dist_ctx or DistContext()
-        if getattr(opt, "save_memory", False) and device.type == "cpu" and not util.return_freed_blocks_to_os():
+        save_memory = getattr(opt, "save_memory", False)
+        if save_memory and device.type == "cpu" and not util.return_freed_blocks_to_os():
             log.warning("--save_memory: cannot set the C library's mmap threshold (not glibc)")
         self.model = build_model(opt).to(device)
+        # The default memory savers below (cheap-layer recompute, the generator stepped in its backward pass)
+        # are paid for in Python work per layer and per parameter. On a CPU that hides behind the arithmetic;
+        # a GPU waits for it: on an H200 at 512 px they made a step 10% slower in fp32 and 2.6x slower in
+        # bf16, for 1.7 GB of its memory (README, Performance). There they come only with --save_memory.
+        savers_by_default = device.type == "cpu"
+        if not savers_by_default and not save_memory:
+            self.model.recompute_cheap_layers = False
         self.discriminator = PatchDiscriminator(input_nc=3).to(device)
         self.criterion_gan = GANLoss()
         # Fused Adam: one kernel for all parameters, no full-size temporaries (same update up to rounding).
@@ -437,12 +448,12 @@ class Trainer:
         # Each generator parameter is stepped as soon as its gradient is complete, and the gradient freed:
         # the generator's 0.76 GB of gradients at 512 px never exist all at once. Same update, parameter by
         # parameter. Not under DDP (it all-reduces gradients after the hooks) nor with fp16's loss scaler
-        # (it must see every gradient before stepping).
-        self.step_in_backward = not self.dist.enabled and not self.scaler.is_enabled()
+        # (it must see every gradient before stepping); on a GPU only with --save_memory (see above).
+        self.step_in_backward = (not self.dist.enabled and not self.scaler.is_enabled()
+                                 and (savers_by_default or save_memory))
         self._in_generator_backward = False
-        if self.step_in_backward:
-            for p in self.g_params:
-                p.register_post_accumulate_grad_hook(self._generator_param_ready)
+        for p in self.g_params:  # inert unless step_in_backward (an attribute, so a benchmark can flip it)
+            p.register_post_accumulate_grad_hook(self._generator_param_ready)
         if opt.compile:
             compile_networks(self.model, self.discriminator)
         self.generator_fwd: nn.Module = self.model
@@ -960,8 +971,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise data_util.DataError(f"--data_root {opt.data_root}: no such folder")
         if opt.compile or opt.amp != "off":
             log.info("amp %s, compile %s", opt.amp, opt.compile)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+        util.configure_backends(device, opt.tf32)
         if opt.train_test == "train":
             result = train(opt, device, dist_ctx)
             if dist_ctx.is_main:

@@ -55,6 +55,23 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def configure_backends(device: torch.device, tf32: bool = False) -> None:
+    """Process-wide numerics and tuning for ``device``; a no-op off CUDA.
+
+    CUDA: cuDNN picks the fastest convolution algorithm per input shape (``cudnn.benchmark``), and float32
+    convolutions and matrix products use TF32 tensor cores only when ``tf32`` is set. PyTorch enables TF32
+    for cuDNN convolutions by default; that rounds their operands to 10 mantissa bits (~1e-3 relative), which
+    the original (PyTorch 1.0, before TF32) never did, so plain float32 is the default here.
+    """
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    # The allow_tf32 switches set both the old and the per-operator (fp32_precision) settings consistently;
+    # setting only the new ones for convolutions makes later reads of allow_tf32 raise on torch >= 2.9.
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
     random.seed(seed)

@@ -37,12 +37,13 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REFERENCE_DIR = os.path.join(REPO_ROOT, "..", "shared", "reference")
+# The reference poses and intrinsics: ../shared/reference beside the repository, or DEEPVOXELS_REFERENCE.
+REFERENCE_DIR = os.environ.get("DEEPVOXELS_REFERENCE", os.path.join(REPO_ROOT, "..", "shared", "reference"))
 NUM_POSES = 6  # pose_0.txt .. pose_5.txt in the reference folder
 MATMUL_SIDE = 2048  # square matmul used to measure the machine's peak (large enough to be compute bound)
+MATMUL_SIDE_CUDA = 8192  # a GPU needs a larger one to fill its SMs
 MATMUL_REPEATS = 5
 GIGA = 1e9
-MODEL_FLAGS = ("--img_sidelength", "--grid_dim", "--num_grid_feats", "--nf0", "--amp", "--device", "--view_batch")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_occlusion_net", action="store_true", help="depth-collapse net instead of occlusion net")
     p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="autocast precision")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    p.add_argument("--tf32", action="store_true", help="CUDA: TF32 tensor cores for float32 (run_deepvoxels --tf32)")
     p.add_argument("--save_memory", action="store_true",
                    help="turn the training-memory savers on (run_deepvoxels --save_memory)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -84,6 +86,8 @@ def model_options(args: argparse.Namespace, logging_root: str) -> Any:
         argv.append("--compile")
     if args.save_memory:
         argv.append("--save_memory")
+    if args.tf32:
+        argv.append("--tf32")
     return run_deepvoxels.parse_args(argv)
 
 
@@ -151,6 +155,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         opt = model_options(args, tmp)
     device = util.resolve_device(opt.device)
+    util.configure_backends(device, opt.tf32)  # as run_deepvoxels.main does
     util.seed_everything(opt.seed)
     geometry = run_deepvoxels.build_geometry(os.path.join(REFERENCE_DIR, "small_intrinsics.txt"), opt.grid_dim,
                                              opt.near_plane, device)
@@ -260,16 +265,20 @@ def run_test(args: argparse.Namespace) -> dict[str, Any]:
             "test_peak_rss_mb": peak_mb, "test_cuda_peak_mb": cuda_mb}
 
 
-def matmul_peak(device_name: str) -> dict[str, float]:
-    """Best-of-N GFLOP/s of a large square matmul in fp32 and bf16 on the benchmark's device."""
+def matmul_peak(device_name: str, tf32: bool = False) -> dict[str, float]:
+    """Best-of-N GFLOP/s of a large square matmul in fp32 (TF32 with ``tf32`` on CUDA) and bf16 on the
+    benchmark's device."""
     import torch
 
     import util
     device = util.resolve_device(device_name)
+    util.configure_backends(device, tf32)
+    side = MATMUL_SIDE_CUDA if device.type == "cuda" else MATMUL_SIDE
     result = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a = torch.randn(MATMUL_SIDE, MATMUL_SIDE, device=device).to(dtype)
-        b = torch.randn(MATMUL_SIDE, MATMUL_SIDE, device=device).to(dtype)
+        a = torch.randn(side, side, device=device).to(dtype)
+        b = torch.randn(side, side, device=device).to(dtype)
+        torch.mm(a, b)  # warm-up: library load and kernel selection
         best = float("inf")
         for _ in range(MATMUL_REPEATS):
             synchronize(device)
@@ -277,7 +286,7 @@ def matmul_peak(device_name: str) -> dict[str, float]:
             torch.mm(a, b)
             synchronize(device)
             best = min(best, time.perf_counter() - t0)
-        result[name] = 2 * MATMUL_SIDE ** 3 / best / GIGA
+        result[name] = 2 * side ** 3 / best / GIGA
     return result
 
 
@@ -335,7 +344,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(json.dumps(result))
         return 0
 
-    peaks = matmul_peak(args.device)
+    peaks = matmul_peak(args.device, args.tf32)
     res: dict[str, Any] = {}
     if args.only in ("both", "train"):
         res.update(run_child(argv, "train"))
@@ -344,9 +353,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     peak = peaks["bf16"] if args.amp == "bf16" else peaks["fp32"]
     print(f"machine: {machine_name()}")
     print(f"config: img {args.img_sidelength}, grid {args.grid_dim}, feats {args.num_grid_feats}, nf0 {args.nf0}, "
-          f"occlusion net {not args.no_occlusion_net}, amp {args.amp}, compile {args.compile}, save_memory {args.save_memory}, "
+          f"occlusion net {not args.no_occlusion_net}, amp {args.amp}, tf32 {args.tf32}, compile {args.compile}, "
+          f"save_memory {args.save_memory}, "
           f"view_batch {args.view_batch}, {args.iters} timed after {args.warmup} warm-up")
-    print(f"matmul peak ({MATMUL_SIDE}^2): fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s")
+    print(f"matmul peak: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s")
     if "train_times" in res:
         print("train iterations (s): " + ", ".join(f"{t:.3f}" for t in res["train_times"])
               + f"  (warm-up {res['train_warmup_s']:.2f} s; indices {res['mapping_s_per_pose'] * 1e3:.1f} ms/pose,"
@@ -356,7 +366,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_table(args, res, peaks))
 
     summary: dict[str, Any] = {"config": {k: getattr(args, k) for k in (
-        "img_sidelength", "grid_dim", "num_grid_feats", "nf0", "no_occlusion_net", "amp", "compile", "view_batch",
+        "img_sidelength", "grid_dim", "num_grid_feats", "nf0", "no_occlusion_net", "amp", "tf32", "compile", "view_batch",
         "save_memory", "iters", "warmup")}}
     summary["peak_rss_mb"] = max(res.get("train_peak_rss_mb", 0.0), res.get("test_peak_rss_mb", 0.0))
     for key in ("train_s_per_iter", "test_s_per_view", "train_peak_rss_mb", "test_peak_rss_mb",
