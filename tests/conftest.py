@@ -3,6 +3,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -20,3 +21,33 @@ def reference_dir() -> str:
     if not os.path.isdir(REFERENCE_DIR):
         pytest.skip(f"reference fixtures not found at {REFERENCE_DIR}")
     return REFERENCE_DIR
+
+
+# The device the device-aware tests run on: CPU unless DEEPVOXELS_TEST_DEVICE names another (``cuda``,
+# ``cuda:1``), e.g. ``DEEPVOXELS_TEST_DEVICE=cuda make test`` on a GPU machine.
+TEST_DEVICE = os.environ.get("DEEPVOXELS_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture
+def device():
+    """``torch.device(TEST_DEVICE)``. On CUDA: full float32 (no TF32, as run_deepvoxels defaults to) and
+    deterministic cuDNN algorithms and scatter-adds while the test runs, so that bit-identity tests mean
+    the same as on CPU."""
+    dev = torch.device(TEST_DEVICE)
+    if dev.type != "cuda":
+        yield dev
+        return
+    if not torch.cuda.is_available():
+        pytest.fail(f"DEEPVOXELS_TEST_DEVICE={TEST_DEVICE}, but CUDA is not available")
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
+             torch.backends.cuda.matmul.allow_tf32, torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield dev
+    finally:
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
+         torch.backends.cuda.matmul.allow_tf32) = saved[:4]
+        torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])

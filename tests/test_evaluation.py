@@ -25,6 +25,7 @@ import pytest
 
 import data_util
 import metrics
+from conftest import TEST_DEVICE
 import run_deepvoxels
 import util
 
@@ -73,14 +74,14 @@ def run(tmp_path_factory) -> types.SimpleNamespace:
     train_code, train_log, _ = _run_logged(
         ["--train_test", "train", "--data_root", folders["train"], "--logging_root", str(logs), *TINY_MODEL,
          "--max_steps", str(STEPS), "--num_trgt", "1", "--summary_every", str(STEPS), "--val_every", "1",
-         "--val_views", "1", "--device", "cpu", "--seed", "0"])
+         "--val_views", "1", "--device", TEST_DEVICE, "--seed", "0"])
     assert train_code == 0
     (log_dir,) = glob.glob(str(logs / "logs" / "*" / "*"))
     (events,) = glob.glob(str(logs / "runs" / "*" / "*" / "events.out.tfevents.*"))
     (checkpoint,) = glob.glob(os.path.join(log_dir, "model-epoch_*_iter_*.pth"))
     test_code, test_log, test_stdout = _run_logged(
         ["--train_test", "test", "--data_root", folders["test"], "--logging_root", str(logs), *TINY_MODEL,
-         "--checkpoint", checkpoint, "--device", "cpu"])
+         "--checkpoint", checkpoint, "--device", TEST_DEVICE])
     assert test_code == 0
     (test_dir,) = glob.glob(str(logs / "test_traj" / "*" / "*"))
     return types.SimpleNamespace(folders=folders, log_dir=log_dir, events=events, checkpoint=checkpoint,

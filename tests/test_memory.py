@@ -17,35 +17,35 @@ SIDE, GRID, MAP = 128, 16, 64
 FOCAL = 109.375 * 2  # 128 px images; the 64 px feature maps use half of it
 
 
-def _geometry() -> ProjectionHelper:
+def _geometry(device: torch.device = torch.device("cpu")) -> ProjectionHelper:
     def intrinsic(focal, centre):
         return np.array([[focal, 0, centre, 0], [0, focal, centre, 0], [0, 0, 1, 0], [0, 0, 0, 1]], np.float64)
     near = math.sqrt(3) / 2
     return ProjectionHelper(lifting_intrinsic=intrinsic(FOCAL / 2, MAP / 2), projection_intrinsic=intrinsic(
         FOCAL / 2, MAP / 2), projection_image_dims=[MAP, MAP], lifting_image_dims=[MAP, MAP], depth_min=0.0,
         depth_max=1.0 + near, grid_dims=[GRID] * 3, voxel_size=1.0 / GRID, near_plane=near,
-        frustum_depth=2 * GRID, grid2world=torch.eye(4))
+        frustum_depth=2 * GRID, grid2world=torch.eye(4, device=device))
 
 
 def _pose(azimuth: float) -> torch.Tensor:
     return torch.from_numpy(data_util.look_at(data_util.spherical_position(azimuth, 30.0, 1.6)).astype(np.float32))
 
 
-def _train_step_grads(cheap: bool, heavy: bool) -> tuple[dict, torch.Tensor]:
+def _train_step_grads(cheap: bool, heavy: bool, device: torch.device) -> tuple[dict, torch.Tensor]:
     """One train-mode forward and backward of a small model from a fixed state and fixed dropout masks."""
     torch.manual_seed(0)
     model = DeepVoxels(SIDE, [MAP, MAP], [MAP, MAP], [GRID] * 3, num_grid_feats=8, nf0=8)
     model.deepvoxels.normal_(0.0, 0.1)
-    model.train()
+    model.to(device).train()
     model.save_memory(heavy)
     model.recompute_cheap_layers = cheap  # by default off at this small size
-    geometry = _geometry()
-    image = torch.rand(1, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(1)) - 0.5
-    lift = geometry.lifting_indices(_pose(0.0))
-    projections = [geometry.projection_indices(_pose(a)) for a in (40.0, 80.0)]
-    torch.manual_seed(2)  # dropout
+    geometry = _geometry(device)
+    image = (torch.rand(1, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(1)) - 0.5).to(device)
+    lift = geometry.lifting_indices(_pose(0.0).to(device))
+    projections = [geometry.projection_indices(_pose(a).to(device)) for a in (40.0, 80.0)]
+    torch.manual_seed(2)  # dropout (every device's generator)
     images, depths = model(image, [p[0] for p in projections], [p[1] for p in projections], *lift)
-    weights = torch.rand(images[0].shape, generator=torch.Generator().manual_seed(3))
+    weights = torch.rand(images[0].shape, generator=torch.Generator().manual_seed(3)).to(device)
     loss = sum((img * weights).sum() for img in images) + sum(d.sum() for d in depths)
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
@@ -54,7 +54,7 @@ def _train_step_grads(cheap: bool, heavy: bool) -> tuple[dict, torch.Tensor]:
 
 
 @pytest.mark.parametrize("heavy", [False, True], ids=["cheap_layers", "with_save_memory"])
-def test_memory_savers_leave_gradients_and_buffers_bit_identical(monkeypatch, heavy):
+def test_memory_savers_leave_gradients_and_buffers_bit_identical(monkeypatch, heavy, device):
     remade, runs = [], []
     make, run = memory._Recipe.make, memory._RunOnceThenRecompute.__call__
 
@@ -68,7 +68,7 @@ def test_memory_savers_leave_gradients_and_buffers_bit_identical(monkeypatch, he
 
     monkeypatch.setattr(memory._Recipe, "make", counting_make)
     monkeypatch.setattr(memory._RunOnceThenRecompute, "__call__", counting_run)
-    grads_on, buffers_on = _train_step_grads(cheap=True, heavy=heavy)
+    grads_on, buffers_on = _train_step_grads(cheap=True, heavy=heavy, device=device)
     kinds = {nn.ReflectionPad2d, nn.ReplicationPad3d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.LeakyReLU,
              nn.Dropout2d}
     assert {kind for kind in kinds for t in remade if issubclass(t, kind)} == kinds, \
@@ -78,7 +78,7 @@ def test_memory_savers_leave_gradients_and_buffers_bit_identical(monkeypatch, he
     assert sorted(runs) == ([0] * 5 + [1] * 5 if heavy else [])
     remade.clear()
     runs.clear()
-    grads_off, buffers_off = _train_step_grads(cheap=False, heavy=False)
+    grads_off, buffers_off = _train_step_grads(cheap=False, heavy=False, device=device)
     assert not remade and not runs
     assert grads_on.keys() == grads_off.keys()
     for name in grads_on:
@@ -103,26 +103,27 @@ def _watch_outputs(net: nn.Module) -> list:
 
 
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16_autocast"])
-def test_cheap_layer_outputs_are_freed_and_made_again_exactly(monkeypatch, amp):
+def test_cheap_layer_outputs_are_freed_and_made_again_exactly(monkeypatch, amp, device):
     placeholders = []
 
     def poisoned(self):  # the padding's backward must not read the values of its saved input
         placeholders.append(self.size)
-        return torch.full(self.size, float("nan"), dtype=self.dtype).as_strided(self.size, self.stride)
+        return torch.full(self.size, float("nan"), dtype=self.dtype, device=self.device).as_strided(
+            self.size, self.stride)
 
     monkeypatch.setattr(memory._ShapeOnly, "tensor", poisoned)
     made = []
     make = memory._Recipe._make
     monkeypatch.setattr(memory._Recipe, "_make", lambda self: made.append(type(self.layer).__name__) or make(self))
-    nets = {recompute: _conv_chain() for recompute in (False, True)}
+    nets = {recompute: _conv_chain().to(device) for recompute in (False, True)}
     watched = _watch_outputs(nets[True])
-    x = torch.randn(2, 2, 8, 8)
+    x = torch.randn(2, 2, 8, 8).to(device)
     grads, outs = {}, {}
     for recompute, net in nets.items():
         inp = x.clone().requires_grad_()
         torch.manual_seed(5)  # the same channel dropout mask
         saver = memory.recompute_cheap_layers(net) if recompute else contextlib.nullcontext()
-        with saver, torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        with saver, torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = net(inp)
         torch.manual_seed(6)  # the backward pass must not depend on the generator's state
         outs[recompute] = out.detach()
@@ -172,20 +173,20 @@ def test_recompute_is_inert_without_gradients():
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
 
 
-def _trainer_after_steps(step_in_backward: bool, steps: int = 2):
+def _trainer_after_steps(step_in_backward: bool, device: torch.device, steps: int = 2):
     import run_deepvoxels
     argv = ["--train_test", "train", "--data_root", "unused", "--logging_root", "unused", "--img_sidelength",
             str(SIDE), "--grid_dim", str(GRID), "--num_grid_feats", "8", "--nf0", "8", "--lr", "1e-3"]
     opt = run_deepvoxels.parse_args(argv)
     torch.manual_seed(0)
-    trainer = run_deepvoxels.Trainer(opt, torch.device("cpu"))
-    assert trainer.step_in_backward  # single process, no fp16 scaler
+    trainer = run_deepvoxels.Trainer(opt, device)
+    assert trainer.step_in_backward == (device.type == "cpu")  # single process, no fp16 scaler
     trainer.step_in_backward = step_in_backward
     trainer.train_mode()
-    geometry = _geometry()
+    geometry = _geometry(device)
     gen = torch.Generator().manual_seed(1)
-    images = [torch.rand(1, 3, SIDE, SIDE, generator=gen) - 0.5 for _ in range(3)]
-    poses = [_pose(a) for a in (0.0, 40.0, 80.0)]
+    images = [(torch.rand(1, 3, SIDE, SIDE, generator=gen) - 0.5).to(device) for _ in range(3)]
+    poses = [_pose(a).to(device) for a in (0.0, 40.0, 80.0)]
     torch.manual_seed(2)
     for _ in range(steps):
         trainer.step(images[0], geometry.lifting_indices(poses[0]),
@@ -193,8 +194,8 @@ def _trainer_after_steps(step_in_backward: bool, steps: int = 2):
     return trainer
 
 
-def test_generator_step_in_backward_matches_one_step_after_backward():
-    fused, plain = _trainer_after_steps(True), _trainer_after_steps(False)
+def test_generator_step_in_backward_matches_one_step_after_backward(device):
+    fused, plain = _trainer_after_steps(True, device), _trainer_after_steps(False, device)
     for (name, a), b in zip(fused.model.named_parameters(), plain.model.parameters()):
         assert torch.equal(a, b), name
         assert a.grad is None and b.grad is None  # freed after the step either way
@@ -215,6 +216,24 @@ def test_cheap_layers_are_recomputed_by_default_from_256_px_and_always_with_save
         assert model.recompute_cheap_layers and model.recompute_view_volume
         model.save_memory(False)
         assert model.recompute_cheap_layers is default and not model.recompute_view_volume
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "meta"])
+def test_memory_saver_defaults_by_device(device_type):
+    """CPU: cheap recompute from 256 px and the generator stepped in its backward pass; elsewhere (a GPU;
+    meta stands in for one) both only with --save_memory."""
+    import run_deepvoxels
+    for side, flags in ((128, []), (512, []), (512, ["--save_memory"])):
+        opt = run_deepvoxels.parse_args(["--train_test", "train", "--data_root", "unused", "--logging_root",
+                                         "unused", "--img_sidelength", str(side), "--grid_dim", "8",
+                                         "--num_grid_feats", "4", "--nf0", "4", *flags])
+        with torch.device("meta") if device_type == "meta" else contextlib.nullcontext():
+            trainer = run_deepvoxels.Trainer(opt, torch.device(device_type))
+        save = bool(flags)
+        cpu = device_type == "cpu"
+        assert trainer.model.recompute_cheap_layers is (save or (cpu and side >= 256)), (side, flags)
+        assert trainer.step_in_backward is (save or cpu), (side, flags)
+        assert trainer.model.recompute_view_volume is save
 
 
 def test_freed_blocks_go_back_to_the_os_after_mallopt():

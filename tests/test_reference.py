@@ -51,26 +51,40 @@ def _reference_dir() -> str:
     return REFERENCE_DIR
 
 
-@pytest.fixture(scope="module")
-def geometry():
+@pytest.fixture
+def geometry(device):
     return run_deepvoxels.build_geometry(os.path.join(_reference_dir(), "small_intrinsics.txt"), SMALL.grid_dim,
-                                         float(np.sqrt(3) / 2))
+                                         float(np.sqrt(3) / 2), device)
 
 
 @pytest.fixture(scope="module")
-def small_model():
+def small_checkpoint():
+    return util.load_checkpoint(os.path.join(_reference_dir(), "small_ckpt.pth"))
+
+
+@pytest.fixture
+def small_model(small_checkpoint, device):
     model = run_deepvoxels.build_model(SMALL)
-    payload = util.load_checkpoint(os.path.join(_reference_dir(), "small_ckpt.pth"))
-    model.load_state_dict(payload["model"], strict=True)
+    model.load_state_dict(small_checkpoint["model"], strict=True)
     disc = PatchDiscriminator(input_nc=3)
-    disc.load_state_dict(payload["discriminator"], strict=True)
-    return model.eval()
+    disc.load_state_dict(small_checkpoint["discriminator"], strict=True)
+    return model.to(device).eval()
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def _on(t: torch.Tensor, device: torch.device) -> bool:
+    """Whether ``t`` lives on ``device`` (``cuda`` means the current CUDA device)."""
+    index = torch.cuda.current_device() if device.type == "cuda" and device.index is None else device.index
+    return t.device.type == device.type and t.device.index == index
 
 
 def test_geometry_meta_matches_original(reference_dir, geometry):
     ref = np.load(os.path.join(reference_dir, "projection.npz"))
     np.testing.assert_allclose(np.asarray(geometry.lifting_intrinsic), ref["lift_intrinsic"])
-    np.testing.assert_allclose(geometry.grid2world.numpy(), ref["grid_origin"])
+    np.testing.assert_allclose(_np(geometry.grid2world), ref["grid_origin"])
     assert geometry.near_plane == pytest.approx(float(ref["near_plane"]))
     assert geometry.voxel_size == pytest.approx(float(ref["voxel_size"]))
     assert geometry.depth_max == pytest.approx(float(ref["depth_max"]))
@@ -78,71 +92,75 @@ def test_geometry_meta_matches_original(reference_dir, geometry):
 
 
 @pytest.mark.parametrize("i", range(NUM_POSES))
-def test_lifting_and_projection_indices(reference_dir, geometry, i):
+def test_lifting_and_projection_indices(reference_dir, geometry, device, i):
     ref = np.load(os.path.join(reference_dir, "projection.npz"))
-    pose = torch.from_numpy(ref[f"pose_{i}"])
+    pose = torch.from_numpy(ref[f"pose_{i}"]).to(device)
     lin, coords = geometry.lifting_indices(pose)
-    np.testing.assert_array_equal(lin.numpy(), ref[f"lift_lin_ind_{i}"])
-    np.testing.assert_allclose(coords.numpy(), ref[f"lift_coords_{i}"], atol=1e-5, rtol=0)
+    assert _on(lin, device) and _on(coords, device)
+    # Integer indices exactly; float32 coordinates to 1e-5 on the CPU. A GPU fuses the transforms'
+    # multiply-adds differently, and the coordinates are differences of terms up to the 64 px map size, so
+    # there they agree to a few units in the last place of 64 (seen on an H200: up to 2.1e-5, also at 0.5).
+    atol = 1e-5 if device.type == "cpu" else 8 * float(np.spacing(np.float32(64)))
+    np.testing.assert_array_equal(_np(lin), ref[f"lift_lin_ind_{i}"])
+    np.testing.assert_allclose(_np(coords), ref[f"lift_coords_{i}"], atol=atol, rtol=0)
     lin, coords = geometry.projection_indices(pose)
-    np.testing.assert_array_equal(lin.numpy(), ref[f"proj_lin_ind_{i}"])
-    np.testing.assert_allclose(coords.numpy(), ref[f"proj_voxel_coords_{i}"], atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(_np(lin), ref[f"proj_lin_ind_{i}"])
+    np.testing.assert_allclose(_np(coords), ref[f"proj_voxel_coords_{i}"], atol=atol, rtol=0)
 
 
-def test_test_mode_renders_and_depths(reference_dir, geometry, small_model):
+def test_test_mode_renders_and_depths(reference_dir, geometry, small_model, device):
     ref = np.load(os.path.join(reference_dir, "forward_test.npz"))
-    np.testing.assert_array_equal(small_model.deepvoxels.numpy(), ref["deepvoxels_buffer"])
-    proj = [geometry.projection_indices(torch.from_numpy(ref[f"pose_{i}"])) for i in range(NUM_POSES)]
+    np.testing.assert_array_equal(_np(small_model.deepvoxels), ref["deepvoxels_buffer"])
+    proj = [geometry.projection_indices(torch.from_numpy(ref[f"pose_{i}"]).to(device)) for i in range(NUM_POSES)]
     with torch.no_grad():
         inpainted = small_model.inpaint(small_model.deepvoxels)
-        np.testing.assert_allclose(inpainted.numpy(), ref["inpainting_net_output"], atol=ATOL, rtol=0)
+        np.testing.assert_allclose(_np(inpainted), ref["inpainting_net_output"], atol=ATOL, rtol=0)
         images, depths = small_model(None, [p[0] for p in proj], [p[1] for p in proj])
     for i in range(NUM_POSES):
-        np.testing.assert_allclose(images[i].numpy(), ref[f"rendered_full_{i}"], atol=ATOL, rtol=0)
-        np.testing.assert_allclose(depths[i].numpy(), ref[f"depth_raw_{i}"], atol=ATOL, rtol=0)
+        assert _on(images[i], device) and _on(depths[i], device)
+        np.testing.assert_allclose(_np(images[i]), ref[f"rendered_full_{i}"], atol=ATOL, rtol=0)
+        np.testing.assert_allclose(_np(depths[i]), ref[f"depth_raw_{i}"], atol=ATOL, rtol=0)
         cropped = images[i][:, :, run_deepvoxels.BORDER:-run_deepvoxels.BORDER,
                             run_deepvoxels.BORDER:-run_deepvoxels.BORDER]
-        np.testing.assert_allclose(cropped.numpy(), ref[f"rendered_cropped_{i}"], atol=ATOL, rtol=0)
+        np.testing.assert_allclose(_np(cropped), ref[f"rendered_cropped_{i}"], atol=ATOL, rtol=0)
 
 
-def test_occlusion_weights_and_rendering_input(reference_dir, geometry, small_model):
+def test_occlusion_weights_and_rendering_input(reference_dir, geometry, small_model, device):
     ref = np.load(os.path.join(reference_dir, "forward_test.npz"))
     from projection import sample_frustum
     with torch.no_grad():
         inpainted = small_model.inpaint(small_model.deepvoxels)
         for i in (0, 3):
-            lin, coords = geometry.projection_indices(torch.from_numpy(ref[f"pose_{i}"]))
+            lin, coords = geometry.projection_indices(torch.from_numpy(ref[f"pose_{i}"]).to(device))
             frustum = sample_frustum(inpainted, lin, coords, (32, 64, 64))
             weights, _ = small_model.occlusion_net(frustum)
-            np.testing.assert_allclose(weights.numpy(), ref[f"occlusion_visibility_weights_{i}"], atol=ATOL, rtol=0)
+            np.testing.assert_allclose(_np(weights), ref[f"occlusion_visibility_weights_{i}"], atol=ATOL, rtol=0)
             features = torch.mean(weights * frustum, dim=2)
-            np.testing.assert_allclose(features.numpy(), ref[f"rendering_net_input_{i}"], atol=ATOL, rtol=0)
+            np.testing.assert_allclose(_np(features), ref[f"rendering_net_input_{i}"], atol=ATOL, rtol=0)
 
 
-def test_train_mode_forward_in_eval(reference_dir, geometry):
+def test_train_mode_forward_in_eval(reference_dir, geometry, small_model, device):
     """One call with an input image: lifting, integration (the buffer is overwritten), inpainting, 2 views."""
     ref = np.load(os.path.join(reference_dir, "forward_train_eval.npz"))
-    model = run_deepvoxels.build_model(SMALL)
-    model.load_state_dict(util.load_checkpoint(os.path.join(reference_dir, "small_ckpt.pth"))["model"])
-    model.eval()
-    np.testing.assert_array_equal(model.deepvoxels.numpy(), ref["deepvoxels_before"])
-    lin, coords = geometry.lifting_indices(torch.from_numpy(ref["nearest_pose"]))
-    proj = [geometry.projection_indices(torch.from_numpy(p)) for p in ref["target_poses"]]
-    img = torch.from_numpy(ref["input_img"])
+    model = small_model
+    np.testing.assert_array_equal(_np(model.deepvoxels), ref["deepvoxels_before"])
+    lin, coords = geometry.lifting_indices(torch.from_numpy(ref["nearest_pose"]).to(device))
+    proj = [geometry.projection_indices(torch.from_numpy(p).to(device)) for p in ref["target_poses"]]
+    img = torch.from_numpy(ref["input_img"]).to(device)
     with torch.no_grad():
         feats = model.feature_extractor(img)
-        np.testing.assert_allclose(feats.numpy(), ref["img_feats"], atol=ATOL, rtol=0)
+        np.testing.assert_allclose(_np(feats), ref["img_feats"], atol=ATOL, rtol=0)
         from projection import lift_features
         lifted = lift_features(feats, lin, coords, [SMALL.grid_dim] * 3)
-        np.testing.assert_allclose(lifted.numpy(), ref["lifted_volume"], atol=ATOL, rtol=0)
+        np.testing.assert_allclose(_np(lifted), ref["lifted_volume"], atol=ATOL, rtol=0)
         images, depths = model(img, [p[0] for p in proj], [p[1] for p in proj], lin, coords)
-    np.testing.assert_allclose(model.deepvoxels.numpy(), ref["deepvoxels_after"], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(_np(model.deepvoxels), ref["deepvoxels_after"], atol=ATOL, rtol=0)
     for i in range(2):
-        np.testing.assert_allclose(images[i].numpy(), ref[f"rendered_full_{i}"], atol=ATOL, rtol=0)
-        np.testing.assert_allclose(depths[i].numpy(), ref[f"depth_raw_{i}"], atol=ATOL, rtol=0)
+        np.testing.assert_allclose(_np(images[i]), ref[f"rendered_full_{i}"], atol=ATOL, rtol=0)
+        np.testing.assert_allclose(_np(depths[i]), ref[f"depth_raw_{i}"], atol=ATOL, rtol=0)
         metric = (depths[i] + 0.5) * int(np.ceil(np.sqrt(3) * SMALL.grid_dim)) * geometry.voxel_size \
             + geometry.near_plane
-        np.testing.assert_allclose(metric.numpy(), ref[f"depth_metric_{i}"], atol=ATOL, rtol=0)
+        np.testing.assert_allclose(_np(metric), ref[f"depth_metric_{i}"], atol=ATOL, rtol=0)
 
 
 def test_checkpoint_config_inferred_from_original_file(reference_dir):
@@ -151,7 +169,7 @@ def test_checkpoint_config_inferred_from_original_file(reference_dir):
     assert run_deepvoxels.infer_model_config(payload["model"]) == vars(SMALL)
 
 
-def test_cli_test_mode_writes_the_original_pngs(reference_dir, tmp_path, capsys):
+def test_cli_test_mode_writes_the_original_pngs(reference_dir, tmp_path, capsys, device):
     """``--train_test test`` on the 6 reference poses: 16-bit renders and depth PNGs as the original wrote."""
     import shutil
 
@@ -164,7 +182,7 @@ def test_cli_test_mode_writes_the_original_pngs(reference_dir, tmp_path, capsys)
     code = run_deepvoxels.main(["--train_test", "test", "--data_root", str(data), "--logging_root",
                                 str(tmp_path / "logs"), "--checkpoint", os.path.join(reference_dir, "small_ckpt.pth"),
                                 "--img_sidelength", "128", "--grid_dim", "16", "--num_grid_feats", "8", "--nf0", "8",
-                                "--device", "cpu"])
+                                "--device", str(device)])
     assert code == 0
     assert "Average forward pass time over 6 examples" in capsys.readouterr().out
     ref = np.load(os.path.join(reference_dir, "forward_test.npz"))
