@@ -109,6 +109,11 @@ def _padded_conv3d(in_channels: int, out_channels: int, bias: bool, dropout: flo
     return nn.Sequential(*layers)
 
 
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 if it is in a narrower float type (under autocast), else unchanged."""
+    return x.float() if x.is_floating_point() and x.element_size() < 4 else x
+
+
 class IntegrationNet(nn.Module):
     """GRU-style fusion of a newly lifted observation into the persistent grid.
 
@@ -143,10 +148,13 @@ class IntegrationNet(nn.Module):
             new = torch.cat([new_observation, coords], dim=1)
         else:
             old, new = old_state, new_observation
-        reset = torch.sigmoid(self.reset_old_net(old) + self.reset_new_net(new))
-        update = torch.sigmoid(self.update_old_net(old) + self.update_new_net(new))
+        # Gates and the blend in float32 at least: under bf16 autocast, 1 - update would be rounded to steps
+        # of 2^-8, and the persistent grid, blended anew at every step, would carry that error forward.
+        # (A no-op in float32.)
+        reset = torch.sigmoid(_at_least_float32(self.reset_old_net(old) + self.reset_new_net(new)))
+        update = torch.sigmoid(_at_least_float32(self.update_old_net(old) + self.update_new_net(new)))
         candidate = torch.relu(self.new_integration(new) + self.old_integration(reset * old))
-        return (1 - update) * old_state + update * candidate, update, reset
+        return (1 - update) * old_state + update * _at_least_float32(candidate), update, reset
 
 
 class OcclusionNet(nn.Module):
@@ -190,5 +198,8 @@ class OcclusionNet(nn.Module):
             memory_format=torch.channels_last_3d)
         prep = self.occlusion_prep(torch.cat((depth_coords, frustum), dim=1))
         feats = self.occlusion_net(prep)
-        weights = self.softmax_net(torch.cat((prep, feats, depth_coords), dim=1))
+        logits = self.softmax_net[0](torch.cat((prep, feats, depth_coords), dim=1))
+        # The softmax over depth in float32 at least, as CUDA autocast runs it (CPU autocast would keep
+        # bf16): the weights set the depth map and weigh every feature along the ray.
+        weights = self.softmax_net[1](_at_least_float32(logits))
         return weights, (depth_coords * weights).sum(dim=2)
