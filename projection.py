@@ -12,17 +12,36 @@ Frames and conventions (the original's, kept so that indices match it exactly):
 * Frustum (canonical view volume): (B, C, D, H, W) with axes (k, v, u); plane k lies at camera depth
   ``near_plane + k * voxel_size``; linear index ``u + W*v + W*H*k``.
 
+Geometry is computed in the poses' own precision (float32), also when called under autocast, which would
+run its matrix products in bf16 or fp16 and move voxels and pixels.
+
 All index arithmetic uses floor division. PyTorch 1.0 floored integer ``/``; current PyTorch divides exactly,
 which silently collapses the unravelled coordinates. ``unravel_index`` is the one place that does it.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar
 
 import torch
 
 HOMOGENEOUS_DIM = 4
+
+
+_Method = TypeVar("_Method", bound=Callable)
+
+
+def _without_autocast(method: _Method) -> _Method:
+    """Run a geometry method ``(self, cam2world)`` with autocast off on the pose's device."""
+    @functools.wraps(method)
+    def wrapper(self, cam2world: torch.Tensor):
+        device_type = cam2world.device.type
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return method(self, cam2world)
+        return method(self, cam2world)
+    return wrapper  # type: ignore[return-value]
 
 
 class EmptyFrustumError(ValueError):
@@ -105,6 +124,7 @@ class ProjectionHelper:
         coords = torch.stack([x - g[0] // 2, y - g[1] // 2, z - g[2] // 2]).to(dtype) * self.voxel_size
         return torch.cat([coords, torch.ones_like(coords[:1])], dim=0)
 
+    @_without_autocast
     def lifting_indices(self, cam2world: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Voxels that project into the lifting feature map of camera ``cam2world``, and where they land.
 
@@ -140,6 +160,7 @@ class ProjectionHelper:
             raise EmptyFrustumError("no voxel of the grid projects into the camera's image")
         return lin[in_image], torch.stack([u, v, cam[2]])[:, in_image]
 
+    @_without_autocast
     def projection_indices(self, cam2world: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Frustum cells of camera ``cam2world`` that fall inside the grid, and their grid coordinates.
 

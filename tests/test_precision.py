@@ -43,3 +43,24 @@ def test_occlusion_weights_are_a_float32_softmax_under_bf16():
     with torch.no_grad():
         weights32, _ = net(frustum)
     assert (weights - weights32).abs().max() < 0.05 * weights32.max()  # same net, bf16 convolutions
+
+
+def test_geometry_is_float32_under_autocast():
+    """Autocast would run the pose transforms' matrix products in bf16: other voxels, moved coordinates."""
+    import numpy as np
+
+    import data_util
+    from projection import ProjectionHelper
+    intrinsic = np.array([[109.375, 0, 32, 0], [0, 109.375, 32, 0], [0, 0, 1, 0], [0, 0, 0, 1]], np.float64)
+    near = float(np.sqrt(3) / 2)
+    geometry = ProjectionHelper(lifting_intrinsic=intrinsic, projection_intrinsic=intrinsic,
+                                projection_image_dims=[64, 64], lifting_image_dims=[64, 64], depth_min=0.0,
+                                depth_max=1.0 + near, grid_dims=[16] * 3, voxel_size=1.0 / 16, near_plane=near,
+                                frustum_depth=32, grid2world=torch.eye(4))
+    pose = torch.from_numpy(data_util.look_at(data_util.spherical_position(35.0, 25.0, 1.7)).astype(np.float32))
+    for method in (geometry.lifting_indices, geometry.projection_indices):
+        lin, coords = method(pose)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lin_amp, coords_amp = method(pose)
+        assert coords_amp.dtype == torch.float32
+        assert torch.equal(lin_amp, lin) and torch.equal(coords_amp, coords)
