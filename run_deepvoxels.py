@@ -106,7 +106,8 @@ def build_parser() -> configargparse.ArgumentParser:
     p.add_argument("--save_memory", action="store_true",
                    help="recompute cheap layers at any image size, and the full-resolution layers and the view "
                         "volumes, in the backward pass instead of keeping them (same values); on CPU also return "
-                        "freed blocks of 1 MiB and up to the OS. ~30%% slower; peak RSS at 512 px 5.6 -> 4.6 GB")
+                        "freed blocks of 1 MiB and up to the OS, on a GPU also step the generator parameter by "
+                        "parameter in its backward pass. ~30%% slower; CPU peak RSS at 512 px 5.6 -> 4.6 GB")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0: torch's default; 1 is steadier on a shared machine)")
     p.add_argument("--log_level", default="INFO", help="logging level")
@@ -431,7 +432,7 @@ class Trainer:
         self.model = build_model(opt).to(device)
         # The default memory savers below (cheap-layer recompute, the generator stepped in its backward pass)
         # are paid for in Python work per layer and per parameter. On a CPU that hides behind the arithmetic;
-        # a GPU waits for it: on an H200 at 512 px they made a step 10% slower in fp32 and 2.6x slower in
+        # a GPU waits for it: on an H200 at 512 px they made a step 10-18% slower in fp32 and 2.6x slower in
         # bf16, for 1.7 GB of its memory (README, Performance). There they come only with --save_memory.
         savers_by_default = device.type == "cpu"
         if not savers_by_default and not save_memory:
