@@ -26,6 +26,8 @@ from typing import Callable, Optional, Sequence, TypeVar
 
 import torch
 
+from pytorch_prototyping.blocks import autocast_off
+
 HOMOGENEOUS_DIM = 4
 
 
@@ -36,11 +38,8 @@ def _without_autocast(method: _Method) -> _Method:
     """Run a geometry method ``(self, cam2world)`` with autocast off on the pose's device."""
     @functools.wraps(method)
     def wrapper(self, cam2world: torch.Tensor):
-        device_type = cam2world.device.type
-        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-            with torch.autocast(device_type, enabled=False):
-                return method(self, cam2world)
-        return method(self, cam2world)
+        with autocast_off(cam2world.device.type):
+            return method(self, cam2world)
     return wrapper  # type: ignore[return-value]
 
 

@@ -435,8 +435,9 @@ class Trainer:
         # a GPU waits for it: on an H200 at 512 px they made a step 10-18% slower in fp32 and 2.6x slower in
         # bf16, for 1.7 GB of its memory (README, Performance). There they come only with --save_memory.
         savers_by_default = device.type == "cpu"
-        if not savers_by_default and not save_memory:
-            self.model.recompute_cheap_layers = False
+        if not savers_by_default:
+            self.model.recompute_cheap_by_default = False
+            self.model.save_memory(save_memory)
         self.discriminator = PatchDiscriminator(input_nc=3).to(device)
         self.criterion_gan = GANLoss()
         # Fused Adam: one kernel for all parameters, no full-size temporaries (same update up to rounding).

@@ -5,6 +5,7 @@ names here are chosen so that the state_dict keys of the assembled model equal t
 checkpoints written by the original load with ``strict=True``.
 """
 from pytorch_prototyping.blocks import (
+    autocast_off,
     Conv2dSame,
     Conv3d,
     Conv3dSame,
@@ -24,7 +25,7 @@ from pytorch_prototyping.blocks import (
 )
 
 __all__ = [
-    "Conv2dSame", "Conv3d", "Conv3dSame", "DownBlock", "DownBlock3D", "DownsamplingNet", "Identity", "ReflectionPad2d",
+    "autocast_off", "Conv2dSame", "Conv3d", "Conv3dSame", "DownBlock", "DownBlock3D", "DownsamplingNet", "Identity", "ReflectionPad2d",
     "ReplicationPad3d", "Unet", "Unet3d",
     "UnetSkipConnectionBlock", "UnetSkipConnectionBlock3d", "UpBlock", "UpBlock3D", "UpsamplingNet",
 ]

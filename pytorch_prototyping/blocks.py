@@ -10,6 +10,7 @@ original did.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence, Type
 
 import torch
@@ -23,15 +24,21 @@ POST_CONV_DROPOUT = 0.1  # the original hard-codes this probability after an UpB
 ONEDNN_MIN_SIZE = 20480
 
 
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast switched off on ``device_type`` where it is on; otherwise a no-op context, so that float32
+    hot paths do not enter an autocast context on every call."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _PadInInputDtype:
     """Mixin for padding layers: pad in the input's dtype. CPU autocast lists the padding ops among those
     it runs in float32, so a bfloat16 activation would be copied to float32, padded, and cast back by the
     convolution after it. Padding only copies values, so the result is identical either way."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_autocast_enabled(x.device.type):
-            return super().forward(x)  # no context to enter on every call of the fp32 training step
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             return super().forward(x)
 
 
