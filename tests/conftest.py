@@ -33,7 +33,10 @@ def device():
     """``torch.device(TEST_DEVICE)``. On CUDA: full float32 (no TF32, as run_deepvoxels defaults to) and
     deterministic cuDNN algorithms and scatter-adds while the test runs, so that bit-identity tests mean
     the same as on CPU."""
-    dev = torch.device(TEST_DEVICE)
+    try:
+        dev = torch.device(TEST_DEVICE)
+    except RuntimeError:
+        pytest.fail(f"DEEPVOXELS_TEST_DEVICE={TEST_DEVICE!r} is not a device (use cpu, cuda or cuda:N)")
     if dev.type != "cuda":
         yield dev
         return
