@@ -191,12 +191,22 @@ class OcclusionNet(nn.Module):
     def forward(self, frustum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Args: frustum (B, C, D, H, W).
         Returns: weights (B, 1, D, H, W) summing to 1 over D; depth (B, 1, H, W) in [-1/2, 1/2)."""
-        b = frustum.shape[0]
-        # Materialised channels-last like the sampled volume: the concatenations below then stay channels-last
-        # too, and the padded inputs reach the 3D convolutions without another copy.
-        depth_coords = self.depth_coords.to(frustum.dtype).expand(b, 1, -1, *self.frustum_hw).contiguous(
-            memory_format=torch.channels_last_3d)
-        prep = self.occlusion_prep(torch.cat((depth_coords, frustum), dim=1))
+        return self.weigh(self.with_depth_channel(frustum))
+
+    def with_depth_channel(self, frustum: torch.Tensor) -> torch.Tensor:
+        """(B, C, D, H, W) -> (B, 1 + C, D, H, W): each plane's depth coordinate as channel 0, then the frustum.
+
+        Stored channels-last like the sampled volume, so the concatenations in ``weigh`` stay channels-last
+        too and the padded inputs reach the 3D convolutions without another copy. ``volume[:, 1:]`` is the
+        frustum itself: a caller that needs it after this net can take that view and let its own copy go.
+        """
+        depth_coords = self.depth_coords.to(frustum.dtype).expand(frustum.shape[0], 1, -1, *self.frustum_hw)
+        return torch.cat((depth_coords.contiguous(memory_format=torch.channels_last_3d), frustum), dim=1)
+
+    def weigh(self, volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` from ``with_depth_channel``'s volume (B, 1 + C, D, H, W)."""
+        depth_coords = volume[:, :1]
+        prep = self.occlusion_prep(volume)
         feats = self.occlusion_net(prep)
         logits = self.softmax_net[0](torch.cat((prep, feats, depth_coords), dim=1))
         # The softmax over depth in float32 at least, as CUDA autocast runs it (CPU autocast would keep

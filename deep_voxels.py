@@ -20,17 +20,44 @@ FRUSTUM_DEPTH_PER_VOXEL = 2  # depth planes per grid voxel: the view volume span
 CHEAP_RECOMPUTE_MIN_SIDELENGTH = 256  # image side from which cheap layers are recomputed by default
 
 
+class _WeightedMeanOverDepth(torch.autograd.Function):
+    """``mean(weights * frustum, dim=2)`` with a backward pass that keeps only its results at full size.
+
+    Autograd's own backward of the product form makes three (V, C, D, H, W) tensors (the expanded gradient
+    over D, and a product for each input) where one suffices: the frustum's gradient. The weights' gradient,
+    ``sum over C of frustum * grad / D``, is reduced one depth plane at a time. At 512 px that is 128 MB less at
+    the training step's peak, which falls in this backward pass. Forward values are the product form's.
+    """
+
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, frustum: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weights, frustum)
+        return torch.mean(weights * frustum, dim=2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        weights, frustum = ctx.saved_tensors
+        grad = grad / frustum.shape[2]  # the mean's 1 / D (a power of two: exact)
+        grad_weights = grad_frustum = None
+        if ctx.needs_input_grad[0]:
+            planes = [(plane * grad).sum(dim=1, keepdim=True) for plane in frustum.unbind(2)]
+            grad_weights = torch.stack(planes, dim=2).to(weights.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_frustum = (weights * grad.unsqueeze(2)).to(frustum.dtype)
+        return grad_weights, grad_frustum
+
+
 def visibility_weighted_mean(weights: torch.Tensor, frustum: torch.Tensor) -> torch.Tensor:
     """``mean(weights * frustum, dim=2)``: weights (V, 1, D, H, W), frustum (V, C, D, H, W) -> (V, C, H, W).
 
     Without autograd the D planes are accumulated one at a time (in order k = 0..D-1, in float32 at least,
     then divided by D) instead of forming the (V, C, D, H, W) product and reducing it along a strided axis:
     at 512 px ~25x faster for a batch of test views, equal up to float rounding (~1e-7 in float32). With
-    autograd the product form is kept: its backward is one broadcast multiply, where per-plane slices
-    would each scatter into a full-size gradient.
+    autograd the product form is kept for the forward pass (its values are those of training), and the
+    backward pass is ``_WeightedMeanOverDepth``'s, which needs less memory than autograd's own.
     """
     if torch.is_grad_enabled() and (weights.requires_grad or frustum.requires_grad):
-        return torch.mean(weights * frustum, dim=2)
+        return _WeightedMeanOverDepth.apply(weights, frustum)
     planes, plane_weights = frustum.unbind(2), weights.unbind(2)  # D x (V, C or 1, H, W)
     total = planes[0].to(torch.promote_types(frustum.dtype, torch.float32)) * plane_weights[0]
     for plane, weight in zip(planes[1:], plane_weights[1:]):
@@ -176,8 +203,13 @@ class DeepVoxels(nn.Module):
         # pads and 3D convolutions then need no layout copies (torch.cat would return it (V, C, D, H, W)-
         # contiguous). Without autograd each view is sampled straight into its slice of one buffer.
         if torch.is_grad_enabled() and inpainted.requires_grad:
-            frustum = torch.cat([sample_frustum(inpainted, idx, coords, dims).permute(0, 2, 3, 4, 1)
-                                 for idx, coords in zip(proj_frustum_idcs, proj_grid_coords)], dim=0)
+            volumes = [sample_frustum(inpainted, idx, coords, dims).permute(0, 2, 3, 4, 1)
+                       for idx, coords in zip(proj_frustum_idcs, proj_grid_coords)]
+            # A single view (training renders one at a time) is not copied. view() gives its size-1 batch
+            # axis a dense stride: torch.cat would otherwise not see channels-last input and fall back to a
+            # (V, C, D, H, W)-contiguous result, and every 3D convolution after it to layout copies.
+            frustum = volumes[0].view(volumes[0].shape) if len(volumes) == 1 else torch.cat(volumes, dim=0)
+            del volumes
         else:
             frustum = inpainted.new_zeros(views, math.prod(dims), channels)
             for view, (idx, coords) in enumerate(zip(proj_frustum_idcs, proj_grid_coords)):
@@ -185,8 +217,12 @@ class DeepVoxels(nn.Module):
             frustum = frustum.view(views, *dims, channels)
         frustum = frustum.permute(0, 4, 1, 2, 3)
         if self.use_occlusion_net:
-            weights, depth = self.occlusion_net(frustum)
-            features = visibility_weighted_mean(weights, frustum)  # (V, C, H, W)
+            # The occlusion net's input holds the frustum as its channels 1..C: the mean reads them there,
+            # so that one (V, C, D, H, W) copy is kept for the backward pass instead of two.
+            volume = self.occlusion_net.with_depth_channel(frustum)
+            del frustum
+            weights, depth = self.occlusion_net.weigh(volume)
+            features = visibility_weighted_mean(weights, volume[:, 1:])  # (V, C, H, W)
         else:
             features = self.depth_collapse_net(frustum.reshape(views, -1, *self.frustum_img_dims))
             depth = frustum.new_zeros(views, 1, *self.frustum_img_dims)

@@ -419,6 +419,32 @@ def _all_reduce_mean_(tensors: Sequence[torch.Tensor], world: int) -> None:
         offset += n
 
 
+def create_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """Make Adam create its state (zero moments, step 0) for every parameter now, one at a time.
+
+    Adam would create it inside the first training step, in between that step's activations; on a CPU those
+    1.5 GB at 512 px then sit scattered through the C library's heap, whose gaps around them stay resident
+    (0.27 GB more peak RSS). The state is Adam's own: each parameter is stepped once with a zero gradient at
+    learning rate 0 (``p - 0 * 0 / eps``: unchanged), and the step counts are set back to 0, so the first
+    real step is the same, bit for bit, as with the state created lazily.
+    """
+    rates = [group["lr"] for group in optimizer.param_groups]
+    try:
+        for group in optimizer.param_groups:
+            group["lr"] = 0.0
+            for param in group["params"]:
+                if param in optimizer.state:
+                    continue
+                param.grad = torch.zeros_like(param)
+                optimizer.step()
+                param.grad = None
+    finally:
+        for group, rate in zip(optimizer.param_groups, rates):
+            group["lr"] = rate
+    for state in optimizer.state.values():
+        state["step"].zero_()
+
+
 class Trainer:
     """The networks, optimizers and one training step of the original loop (used by ``train`` and the
     benchmark, so both run the same code)."""
@@ -446,6 +472,9 @@ class Trainer:
         self.optimizer_g = torch.optim.Adam(self.model.parameters(), lr=opt.lr, **adam)
         self.d_params = list(self.discriminator.parameters())
         self.g_params = list(self.model.parameters())
+        if device.type == "cpu":
+            for optimizer in (self.optimizer_g, self.optimizer_d):
+                create_adam_state(optimizer)
         self.scaler = torch.amp.GradScaler(device.type, enabled=opt.amp == "fp16")
         # Each generator parameter is stepped as soon as its gradient is complete, and the gradient freed:
         # the generator's 0.76 GB of gradients at 512 px never exist all at once. Same update, parameter by

@@ -166,9 +166,19 @@ def test_visibility_weighted_mean_matches_the_product_form(channels_last):
     with torch.no_grad():
         planewise = visibility_weighted_mean(weights, frustum)
     torch.testing.assert_close(planewise, expected, rtol=0, atol=1e-6)
-    # Under autograd it is the product form itself, with its gradients.
-    tracked = frustum.clone().requires_grad_()
-    assert torch.equal(visibility_weighted_mean(weights, tracked), expected)
+    # Under autograd its values are the product form's, and so are its gradients, though its backward pass
+    # makes no full-size temporaries: the frustum's exactly, the weights' up to the order of the sum over C.
+    tracked_w, tracked_f = weights.clone().requires_grad_(), frustum.clone().requires_grad_()
+    mean = visibility_weighted_mean(tracked_w, tracked_f)
+    assert torch.equal(mean, expected)
+    grad_out = torch.randn(expected.shape, generator=gen)
+    got_w, got_f = torch.autograd.grad(mean, (tracked_w, tracked_f), grad_out)
+    want_w, want_f = torch.autograd.grad(torch.mean(tracked_w * tracked_f, dim=2), (tracked_w, tracked_f), grad_out)
+    assert torch.equal(got_f, want_f)
+    torch.testing.assert_close(got_w, want_w, rtol=1e-6, atol=1e-7)
+    # Only the needed gradient is made; a bfloat16 frustum gets its gradient in bfloat16.
+    (only_f,) = torch.autograd.grad(visibility_weighted_mean(weights, tracked_f.bfloat16()), tracked_f, grad_out)
+    torch.testing.assert_close(only_f, (weights * grad_out.unsqueeze(2) / frustum.shape[2]).bfloat16().float())
     # Reduced precision is accumulated in float32: closer to the exact mean than the bfloat16 product form.
     half_f, half_w = frustum.bfloat16(), weights.bfloat16()
     exact = torch.mean(half_w.double() * half_f.double(), dim=2)

@@ -173,7 +173,7 @@ def test_recompute_is_inert_without_gradients():
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
 
 
-def _trainer_after_steps(step_in_backward: bool, device: torch.device, steps: int = 2):
+def _trainer_after_steps(step_in_backward: bool, device: torch.device, steps: int = 2, lazy_state: bool = False):
     import run_deepvoxels
     argv = ["--train_test", "train", "--data_root", "unused", "--logging_root", "unused", "--img_sidelength",
             str(SIDE), "--grid_dim", str(GRID), "--num_grid_feats", "8", "--nf0", "8", "--lr", "1e-3"]
@@ -182,6 +182,9 @@ def _trainer_after_steps(step_in_backward: bool, device: torch.device, steps: in
     trainer = run_deepvoxels.Trainer(opt, device)
     assert trainer.step_in_backward == (device.type == "cpu")  # single process, no fp16 scaler
     trainer.step_in_backward = step_in_backward
+    if lazy_state:  # as Adam has it without create_adam_state: made inside the first step
+        trainer.optimizer_g.state.clear()
+        trainer.optimizer_d.state.clear()
     trainer.train_mode()
     geometry = _geometry(device)
     gen = torch.Generator().manual_seed(1)
@@ -194,18 +197,48 @@ def _trainer_after_steps(step_in_backward: bool, device: torch.device, steps: in
     return trainer
 
 
+def _assert_same_training_state(a, b) -> None:
+    """Parameters, buffers and both optimizers' state of two trainers, bit for bit."""
+    for (name, x), y in zip(a.model.named_parameters(), b.model.parameters()):
+        assert torch.equal(x, y), name
+        assert x.grad is None and y.grad is None  # freed after the step either way
+    for (name, x), y in zip(a.model.named_buffers(), b.model.buffers()):
+        assert torch.equal(x, y), name
+    for (name, x), y in zip(a.discriminator.named_parameters(), b.discriminator.parameters()):
+        assert torch.equal(x, y), name
+    for which in ("optimizer_g", "optimizer_d"):
+        state_a, state_b = getattr(a, which).state_dict(), getattr(b, which).state_dict()
+        assert state_a["state"].keys() == state_b["state"].keys(), which
+        for key, per_param in state_a["state"].items():
+            assert per_param.keys() == state_b["state"][key].keys(), (which, key)
+            for field, value in per_param.items():
+                assert torch.equal(value, state_b["state"][key][field]), (which, key, field)
+
+
 def test_generator_step_in_backward_matches_one_step_after_backward(device):
-    fused, plain = _trainer_after_steps(True, device), _trainer_after_steps(False, device)
-    for (name, a), b in zip(fused.model.named_parameters(), plain.model.parameters()):
-        assert torch.equal(a, b), name
-        assert a.grad is None and b.grad is None  # freed after the step either way
-    for (name, a), b in zip(fused.model.named_buffers(), plain.model.buffers()):
-        assert torch.equal(a, b), name
-    state_fused, state_plain = fused.optimizer_g.state_dict(), plain.optimizer_g.state_dict()
-    assert state_fused["state"].keys() == state_plain["state"].keys()
-    for key, per_param in state_fused["state"].items():
-        for field, value in per_param.items():
-            assert torch.equal(value, state_plain["state"][key][field]), (key, field)
+    _assert_same_training_state(_trainer_after_steps(True, device), _trainer_after_steps(False, device))
+
+
+def test_adam_state_created_up_front_is_the_lazy_state():
+    """On CPU the Trainer has Adam create its state before the first step (create_adam_state); training
+    must be the same, bit for bit, as with the state made inside the first step."""
+    cpu = torch.device("cpu")
+    import run_deepvoxels
+    opt = run_deepvoxels.parse_args(["--train_test", "train", "--data_root", "unused", "--logging_root",
+                                     "unused", "--img_sidelength", "128", "--grid_dim", "8", "--num_grid_feats",
+                                     "4", "--nf0", "4"])
+    torch.manual_seed(0)
+    fresh = run_deepvoxels.Trainer(opt, cpu)
+    torch.manual_seed(0)
+    untouched = run_deepvoxels.build_model(opt)
+    for (name, p), q in zip(fresh.model.named_parameters(), untouched.parameters()):
+        assert torch.equal(p, q), name  # the zero-gradient steps at learning rate 0 moved nothing
+        state = fresh.optimizer_g.state[p]
+        assert state["step"].item() == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+    assert all(group["lr"] == opt.lr for group in fresh.optimizer_g.param_groups)
+    for steps in (1, 2):
+        _assert_same_training_state(_trainer_after_steps(True, cpu, steps),
+                                    _trainer_after_steps(True, cpu, steps, lazy_state=True))
 
 
 def test_cheap_layers_are_recomputed_by_default_from_256_px_and_always_with_save_memory():
@@ -285,3 +318,32 @@ def test_pads_keep_the_input_dtype_under_autocast():
             padded, promoted = ours(x), plain(x)
         assert padded.dtype == torch.bfloat16 and promoted.dtype == torch.float32  # autocast's own choice
         assert torch.equal(padded.float(), promoted)  # padding copies values: identical either way
+
+
+def test_training_view_volume_is_kept_once_and_channels_last(monkeypatch):
+    """The weighted mean reads the frustum inside the occlusion net's input (one full-size copy kept for the
+    backward pass, not two), and every 3D convolution of the occlusion net gets channels-last input (a
+    layout that falls back to (B, C, D, H, W) costs a copy per convolution)."""
+    import deep_voxels
+    torch.manual_seed(0)
+    model = DeepVoxels(SIDE, [MAP, MAP], [MAP, MAP], [GRID] * 3, num_grid_feats=8, nf0=8).train()
+    seen = {"volumes": [], "frusta": [], "conv_inputs": []}
+    weigh = model.occlusion_net.weigh
+    monkeypatch.setattr(model.occlusion_net, "weigh", lambda v: (seen["volumes"].append(v), weigh(v))[1])
+    mean = deep_voxels.visibility_weighted_mean
+    monkeypatch.setattr(deep_voxels, "visibility_weighted_mean",
+                        lambda w, f: (seen["frusta"].append(f), mean(w, f))[1])
+    for conv in model.occlusion_net.modules():
+        if isinstance(conv, nn.Conv3d):
+            conv.register_forward_pre_hook(lambda mod, args: seen["conv_inputs"].append(args[0]))
+    geometry = _geometry()
+    image = torch.rand(1, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(1)) - 0.5
+    projections = [geometry.projection_indices(_pose(a)) for a in (40.0, 80.0)]
+    model(image, [p[0] for p in projections], [p[1] for p in projections], *geometry.lifting_indices(_pose(0.0)))
+    assert len(seen["volumes"]) == len(seen["frusta"]) == 2  # training renders one view per call
+    for volume, frustum in zip(seen["volumes"], seen["frusta"]):
+        assert frustum.untyped_storage().data_ptr() == volume.untyped_storage().data_ptr()
+        assert torch.equal(frustum, volume[:, 1:])
+    assert seen["conv_inputs"]
+    for x in seen["conv_inputs"]:
+        assert x.is_contiguous(memory_format=torch.channels_last_3d), tuple(x.shape)
