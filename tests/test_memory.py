@@ -339,11 +339,19 @@ def test_training_view_volume_is_kept_once_and_channels_last(monkeypatch):
     geometry = _geometry()
     image = torch.rand(1, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(1)) - 0.5
     projections = [geometry.projection_indices(_pose(a)) for a in (40.0, 80.0)]
-    model(image, [p[0] for p in projections], [p[1] for p in projections], *geometry.lifting_indices(_pose(0.0)))
+    _, depths = model(image, [p[0] for p in projections], [p[1] for p in projections],
+                      *geometry.lifting_indices(_pose(0.0)))
     assert len(seen["volumes"]) == len(seen["frusta"]) == 2  # training renders one view per call
-    for volume, frustum in zip(seen["volumes"], seen["frusta"]):
+    for volume, frustum, depth in zip(seen["volumes"], seen["frusta"], depths):
         assert frustum.untyped_storage().data_ptr() == volume.untyped_storage().data_ptr()
         assert torch.equal(frustum, volume[:, 1:])
+        # The depth map's product saves its own copy of the depth channel: the loss ignores the depth map, so
+        # that backward node never runs, and a view would hold the whole volume until the graph is freed.
+        node = depth.grad_fn
+        while node.name() != "MulBackward0":
+            node = node.next_functions[0][0]
+        saved = [getattr(node, name) for name in ("_saved_self", "_saved_other")]
+        assert all(t.untyped_storage().data_ptr() != volume.untyped_storage().data_ptr() for t in saved)
     assert seen["conv_inputs"]
     for x in seen["conv_inputs"]:
         assert x.is_contiguous(memory_format=torch.channels_last_3d), tuple(x.shape)
