@@ -107,7 +107,7 @@ def build_parser() -> configargparse.ArgumentParser:
                    help="recompute cheap layers at any image size, and the full-resolution layers and the view "
                         "volumes, in the backward pass instead of keeping them (same values); on CPU also return "
                         "freed blocks of 1 MiB and up to the OS, on a GPU also step the generator parameter by "
-                        "parameter in its backward pass. ~30%% slower; CPU peak RSS at 512 px 5.6 -> 4.6 GB")
+                        "parameter in its backward pass. ~30-40%% slower; CPU peak RSS at 512 px 5.3 -> 4.6 GB")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0: torch's default; 1 is steadier on a shared machine)")
     p.add_argument("--log_level", default="INFO", help="logging level")
