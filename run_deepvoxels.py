@@ -429,20 +429,22 @@ def create_adam_state(optimizer: torch.optim.Optimizer) -> None:
     real step is the same, bit for bit, as with the state created lazily.
     """
     rates = [group["lr"] for group in optimizer.param_groups]
+    created = []
     try:
         for group in optimizer.param_groups:
             group["lr"] = 0.0
             for param in group["params"]:
-                if param in optimizer.state:
+                if param in optimizer.state:  # already has state (loaded or stepped): left as it is
                     continue
                 param.grad = torch.zeros_like(param)
                 optimizer.step()
                 param.grad = None
+                created.append(param)
     finally:
         for group, rate in zip(optimizer.param_groups, rates):
             group["lr"] = rate
-    for state in optimizer.state.values():
-        state["step"].zero_()
+    for param in created:
+        optimizer.state[param]["step"].zero_()
 
 
 class Trainer:

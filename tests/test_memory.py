@@ -239,6 +239,14 @@ def test_adam_state_created_up_front_is_the_lazy_state():
     for steps in (1, 2):
         _assert_same_training_state(_trainer_after_steps(True, cpu, steps),
                                     _trainer_after_steps(True, cpu, steps, lazy_state=True))
+    # State that exists already (a resumed or stepped optimizer) is left exactly as it is.
+    stepped = _trainer_after_steps(True, cpu, 1)
+    before = {k: {f: v.clone() for f, v in per.items()}
+              for k, per in stepped.optimizer_g.state_dict()["state"].items()}
+    run_deepvoxels.create_adam_state(stepped.optimizer_g)
+    after = stepped.optimizer_g.state_dict()["state"]
+    assert before.keys() == after.keys()
+    assert all(torch.equal(v, after[k][f]) for k, per in before.items() for f, v in per.items())
 
 
 def test_cheap_layers_are_recomputed_by_default_from_256_px_and_always_with_save_memory():
