@@ -200,15 +200,19 @@ class OcclusionNet(nn.Module):
         too and the padded inputs reach the 3D convolutions without another copy. ``volume[:, 1:]`` is the
         frustum itself: a caller that needs it after this net can take that view and let its own copy go.
         """
-        depth_coords = self.depth_coords.to(frustum.dtype).expand(frustum.shape[0], 1, -1, *self.frustum_hw)
-        return torch.cat((depth_coords.contiguous(memory_format=torch.channels_last_3d), frustum), dim=1)
+        return torch.cat((self._depth_channel(frustum), frustum), dim=1)
+
+    def _depth_channel(self, like: torch.Tensor) -> torch.Tensor:
+        """(B, 1, D, H, W) plane coordinates in ``like``'s dtype, materialised channels-last."""
+        planes = self.depth_coords.to(like.dtype).expand(like.shape[0], 1, -1, *self.frustum_hw)
+        return planes.contiguous(memory_format=torch.channels_last_3d)
 
     def weigh(self, volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward`` from ``with_depth_channel``'s volume (B, 1 + C, D, H, W)."""
-        # A copy (1 / (1 + C) of the volume), not a view: the depth product below is saved for a backward
-        # pass that never runs when the loss ignores the depth map, and a view would keep the whole volume
-        # alive until the graph is freed (+0.2 GB at 512 px with --save_memory).
-        depth_coords = volume[:, :1].contiguous(memory_format=torch.channels_last_3d)
+        # Its own tensor (1 / (1 + C) of the volume), not the view volume[:, :1]: the depth product below is
+        # saved for a backward pass that never runs when the loss ignores the depth map, and a view would keep
+        # the whole volume alive until the graph is freed (+0.2 GB at 512 px with --save_memory).
+        depth_coords = self._depth_channel(volume)
         prep = self.occlusion_prep(volume)
         feats = self.occlusion_net(prep)
         logits = self.softmax_net[0](torch.cat((prep, feats, depth_coords), dim=1))

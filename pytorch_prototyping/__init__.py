@@ -25,7 +25,7 @@ from pytorch_prototyping.blocks import (
 )
 
 __all__ = [
-    "autocast_off", "Conv2dSame", "Conv3d", "Conv3dSame", "DownBlock", "DownBlock3D", "DownsamplingNet", "Identity", "ReflectionPad2d",
-    "ReplicationPad3d", "Unet", "Unet3d",
+    "autocast_off", "Conv2dSame", "Conv3d", "Conv3dSame", "DownBlock", "DownBlock3D", "DownsamplingNet", "Identity",
+    "ReflectionPad2d", "ReplicationPad3d", "Unet", "Unet3d",
     "UnetSkipConnectionBlock", "UnetSkipConnectionBlock3d", "UpBlock", "UpBlock3D", "UpsamplingNet",
 ]
