@@ -181,8 +181,13 @@ def build_parser():
 def install_pool(margin_mb: int) -> Any:
     """Build (once; cached by torch.utils.cpp_extension) and install the allocator; returns the module."""
     from torch.utils.cpp_extension import load_inline
-    module = load_inline(name="deepvoxels_budget_pool", cpp_sources=_CPP_SOURCE, functions=["install", "stats"],
-                         extra_cflags=["-O2"])
+    try:
+        module = load_inline(name="deepvoxels_budget_pool", cpp_sources=_CPP_SOURCE,
+                             functions=["install", "stats"], extra_cflags=["-O2"])
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SystemExit(f"pool_allocator: cannot build the allocator (needs a C++ compiler and ninja: "
+                         f".venv/bin/pip install ninja): {first}") from None
     module.install(MIN_POOLED_BYTES, ROUND_BYTES, margin_mb << 20)
     return module
 
@@ -216,7 +221,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--arm", arm],
                                   stdout=subprocess.PIPE, text=True, cwd=speed.REPO_ROOT)
             if proc.returncode != 0:
-                raise RuntimeError(f"pool_allocator: the {arm} arm failed (exit {proc.returncode})")
+                print(f"pool_allocator: the {arm} arm failed (exit {proc.returncode}; its error is above)",
+                      file=sys.stderr)
+                return 1
             res = json.loads(proc.stdout.strip().splitlines()[-1])
             runs[arm].append(res)
             print(f"{arm:6s} train {res['train_s_per_iter']:.2f} s/iter  peak RSS {res['train_peak_rss_mb']:.0f} MB"
