@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tf32", action="store_true", help="CUDA: TF32 tensor cores for float32 (run_deepvoxels --tf32)")
     p.add_argument("--save_memory", action="store_true",
                    help="turn the training-memory savers on (run_deepvoxels --save_memory)")
+    p.add_argument("--cpu_allocator", choices=("pool", "system"), default="pool",
+                   help="CPU runs: the budgeted pool (cpu_allocator.py) or the C library's malloc")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--view_batch", type=int, default=8, help="views per forward in test rendering (run_deepvoxels default)")
     # Benchmark flags.
@@ -69,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="torch.set_num_threads (0: torch's default). On a shared machine 1 thread is far steadier")
     p.add_argument("--save", default="", help="also write the final JSON to this file")
+    p.add_argument("--pool_margin_mb", type=int, default=None,
+                   help="--cpu_allocator pool: cache allowed above the peak live total (default: the pool's)")
     p.add_argument("--child", choices=("train", "test"), default=None, help=argparse.SUPPRESS)
     return p
 
@@ -79,7 +83,8 @@ def model_options(args: argparse.Namespace, logging_root: str) -> Any:
     argv = ["--train_test", "train", "--data_root", REFERENCE_DIR, "--logging_root", logging_root,
             "--img_sidelength", str(args.img_sidelength), "--grid_dim", str(args.grid_dim),
             "--num_grid_feats", str(args.num_grid_feats), "--nf0", str(args.nf0), "--amp", args.amp,
-            "--device", args.device, "--view_batch", str(args.view_batch), "--seed", str(args.seed)]
+            "--device", args.device, "--view_batch", str(args.view_batch), "--seed", str(args.seed),
+            "--cpu_allocator", args.cpu_allocator]
     if args.no_occlusion_net:
         argv.append("--no_occlusion_net")
     if args.compile:
@@ -340,7 +345,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child is not None:
-        result = run_train(args) if args.child == "train" else run_test(args)
+        import cpu_allocator
+        import util
+        pooled = util.resolve_device(args.device).type == "cpu" and args.cpu_allocator == "pool"
+        margin = cpu_allocator.DEFAULT_MARGIN_MB if args.pool_margin_mb is None else args.pool_margin_mb
+        with cpu_allocator.cpu_pool(pooled, margin) as pooled:
+            result = run_train(args) if args.child == "train" else run_test(args)
+            pool = cpu_allocator.stats() if pooled else None
+        if pool is not None:
+            result[f"{args.child}_pool"] = {"peak_live_mb": pool.peak_live_bytes / 2 ** 20, "hits": pool.hits,
+                                            "misses": pool.misses, "margin_mb": margin}
         print(json.dumps(result))
         return 0
 
@@ -354,7 +368,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"machine: {machine_name()}")
     print(f"config: img {args.img_sidelength}, grid {args.grid_dim}, feats {args.num_grid_feats}, nf0 {args.nf0}, "
           f"occlusion net {not args.no_occlusion_net}, amp {args.amp}, tf32 {args.tf32}, compile {args.compile}, "
-          f"save_memory {args.save_memory}, "
+          f"save_memory {args.save_memory}, cpu_allocator {args.cpu_allocator}, "
           f"view_batch {args.view_batch}, {args.iters} timed after {args.warmup} warm-up")
     print(f"matmul peak: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s")
     if "train_times" in res:
@@ -367,10 +381,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     summary: dict[str, Any] = {"config": {k: getattr(args, k) for k in (
         "img_sidelength", "grid_dim", "num_grid_feats", "nf0", "no_occlusion_net", "amp", "tf32", "compile", "view_batch",
-        "save_memory", "iters", "warmup")}}
+        "save_memory", "cpu_allocator", "iters", "warmup")}}
     summary["peak_rss_mb"] = max(res.get("train_peak_rss_mb", 0.0), res.get("test_peak_rss_mb", 0.0))
     for key in ("train_s_per_iter", "test_s_per_view", "train_peak_rss_mb", "test_peak_rss_mb",
-                "train_process_peak_rss_mb"):
+                "train_process_peak_rss_mb", "train_pool", "test_pool"):
         if key in res:
             summary[key] = res[key]
     if "train_s_per_iter" in res:

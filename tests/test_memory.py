@@ -219,6 +219,20 @@ def test_generator_step_in_backward_matches_one_step_after_backward(device):
     _assert_same_training_state(_trainer_after_steps(True, device), _trainer_after_steps(False, device))
 
 
+def test_pool_allocator_leaves_training_bit_identical():
+    """Two training steps with the budgeted CPU pool (cpu_allocator.py, the CPU default) and with the system
+    allocator: the same parameters, buffers and optimizer state, bit for bit."""
+    import cpu_allocator
+    if cpu_allocator.find_compiler() is None:
+        pytest.skip("no C++ compiler: the pool cannot be built here")
+    cpu = torch.device("cpu")
+    with cpu_allocator.cpu_pool(True) as used:
+        assert used
+        pooled = _trainer_after_steps(True, cpu)
+        assert cpu_allocator.stats().hits > 0
+    _assert_same_training_state(pooled, _trainer_after_steps(True, cpu))
+
+
 def test_adam_state_created_up_front_is_the_lazy_state():
     """On CPU the Trainer has Adam create its state before the first step (create_adam_state); training
     must be the same, bit for bit, as with the state made inside the first step."""

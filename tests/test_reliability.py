@@ -56,6 +56,25 @@ def test_stop_and_resume_gives_the_same_weights(data, tmp_path):
     assert not torch.equal(half["model"]["deepvoxels"], straight["model"]["deepvoxels"])
 
 
+@pytest.mark.parametrize("choice", ["pool", "system"])
+def test_cpu_allocator_flag_holds_for_the_run_only(data, tmp_path, caplog, choice):
+    import cpu_allocator
+    if choice == "pool" and cpu_allocator.find_compiler() is None:
+        pytest.skip("no C++ compiler: the pool cannot be built here")
+    hits_before = (cpu_allocator.stats() or cpu_allocator.PoolStats(0, 0, 0, 0, 0, False)).hits
+    with caplog.at_level("INFO"):
+        code = run_deepvoxels.main(_train_argv(data / "train" / "cube", tmp_path, "--max_steps", "1",
+                                               "--cpu_allocator", choice))
+    assert code == 0
+    assert f"CPU allocator: {choice}" in caplog.text
+    stats = cpu_allocator.stats()
+    assert stats is None or not stats.active  # given back when main returns
+    if choice == "pool":
+        assert stats.hits > hits_before  # it served the run
+    else:
+        assert stats is None or stats.hits == hits_before
+
+
 def test_original_checkpoint_in_train_mode_restores_weights_only(data, tmp_path, caplog):
     """--checkpoint with an original-format file (model + discriminator only) starts optimizers afresh."""
     opt = run_deepvoxels.parse_args(_train_argv(data / "train" / "cube", tmp_path, "--max_steps", "1"))
