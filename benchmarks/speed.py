@@ -15,7 +15,9 @@ Definitions (as in the original's timings, ../shared/reference/timings_original_
   projection indices come from ``MappingCache`` (training sees every pose again each epoch); their one-off
   cost per pose is reported separately as ``mapping_s_per_pose``.
 * peak memory: the largest resident set size (VmHWM on Linux; on CUDA, max allocated) during the timed
-  iterations; the count restarts after the warm-up, which includes the FLOP count.
+  iterations; the count restarts after the warm-up, which includes the FLOP count. On CPU the pool allocator
+  (``--cpu_allocator pool``, run_deepvoxels' default) is installed as training installs it, and its budget
+  restarts there too.
 * FLOPs: counted over one step, including what the backward pass recomputes (the memory savers, see
   ``run_deepvoxels.py --save_memory``), so GFLOP/s is the work the machine actually did.
 * test s/view: median over ``--iters`` passes of (wall time of rendering all 6 poses) / 6, each pass with a
@@ -170,6 +172,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    import cpu_allocator
     import run_deepvoxels
     import util
     opt, device, geometry = _setup(args)
@@ -203,6 +206,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             warm_s = time.perf_counter() - t0
             continue
         if i == args.warmup:
+            cpu_allocator.restart_budget()  # the pool's cache follows the timed steps' peak, not the warm-up's
             reset_peak_rss()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -227,6 +231,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
 def run_test(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    import cpu_allocator
     import run_deepvoxels
     import util
     opt, device, geometry = _setup(args)
@@ -252,6 +257,7 @@ def run_test(args: argparse.Namespace) -> dict[str, Any]:
     times = []
     for i in range(args.warmup + args.iters):
         if i == args.warmup:
+            cpu_allocator.restart_budget()
             reset_peak_rss()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
