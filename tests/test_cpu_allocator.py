@@ -64,6 +64,30 @@ def test_large_blocks_are_pooled_and_reused_small_ones_are_not(pool):
     assert pool.stats().live_bytes == start.live_bytes
 
 
+def test_near_sizes_share_a_block_and_a_miss_grows_a_smaller_one(pool):
+    block = 3 * MiB + cpu_allocator.ROUND_BYTES
+    a = torch.empty(block, dtype=torch.uint8)
+    address = a.data_ptr()
+    del a
+    start = pool.stats()
+    # Within FIT_SLACK_PER_1024 of the request: the cached block serves it, and counts whole.
+    smaller = block - block * cpu_allocator.FIT_SLACK_PER_1024 // 1024 // 2
+    b = torch.empty(smaller, dtype=torch.uint8)
+    assert b.data_ptr() == address
+    s = pool.stats()
+    assert (s.hits, s.live_bytes - start.live_bytes, s.cached_bytes) == (start.hits + 1, block,
+                                                                          start.cached_bytes - block)
+    del b
+    # A larger request misses; on Linux the cached block is grown to it (mremap) instead of a new mapping
+    # being made beside it, so nothing is left in the cache.
+    c = torch.ones(5 * MiB, dtype=torch.uint8)
+    s = pool.stats()
+    assert s.misses == start.misses + 1 and s.live_bytes - start.live_bytes == 5 * MiB
+    if sys.platform.startswith("linux"):
+        assert s.cached_bytes == start.cached_bytes - block
+    assert int(c.sum()) == 5 * MiB
+
+
 def test_live_plus_cached_stays_within_the_peak_plus_the_margin(pool):
     """Freed blocks of one size are unmapped, oldest first, as blocks of another size push live + cached past
     the largest live total + the margin; the process's resident set follows."""
