@@ -16,7 +16,7 @@ Definitions (as in the original's timings, ../shared/reference/timings_original_
   cost per pose is reported separately as ``mapping_s_per_pose``.
 * peak memory: the largest resident set size (VmHWM on Linux; on CUDA, max allocated) during the timed
   iterations; the count restarts after the warm-up, which includes the FLOP count. On CPU the pool allocator
-  (``--cpu_allocator pool``, run_deepvoxels' default) is installed as training installs it, and its budget
+  (cpu_allocator.py) is installed where training would install it (``--cpu_allocator``), and its budget
   restarts there too.
 * FLOPs: counted over one step, including what the backward pass recomputes (the memory savers, see
   ``run_deepvoxels.py --save_memory``), so GFLOP/s is the work the machine actually did.
@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tf32", action="store_true", help="CUDA: TF32 tensor cores for float32 (run_deepvoxels --tf32)")
     p.add_argument("--save_memory", action="store_true",
                    help="turn the training-memory savers on (run_deepvoxels --save_memory)")
-    p.add_argument("--cpu_allocator", choices=("pool", "system"), default="pool",
-                   help="CPU runs: the budgeted pool (cpu_allocator.py) or the C library's malloc")
+    p.add_argument("--cpu_allocator", choices=("auto", "pool", "system"), default="auto",
+                   help="CPU runs: the budgeted pool (cpu_allocator.py), the C library's malloc, or auto (as "
+                        "run_deepvoxels: the pool from 512 px up)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--view_batch", type=int, default=8, help="views per forward in test rendering (run_deepvoxels default)")
     # Benchmark flags.
@@ -353,7 +354,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.child is not None:
         import cpu_allocator
         import util
-        pooled = util.resolve_device(args.device).type == "cpu" and args.cpu_allocator == "pool"
+        pooled = cpu_allocator.wanted(args.cpu_allocator, util.resolve_device(args.device).type,
+                                      args.img_sidelength)
         margin = cpu_allocator.DEFAULT_MARGIN_MB if args.pool_margin_mb is None else args.pool_margin_mb
         with cpu_allocator.cpu_pool(pooled, margin) as pooled:
             result = run_train(args) if args.child == "train" else run_test(args)

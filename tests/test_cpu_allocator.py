@@ -186,6 +186,8 @@ def _child_allocates(timeout_s: float = 10.0) -> bool:
     return False
 
 
+# Python 3.12+ warns about any fork of a threaded process; forking one is what this test is about.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_fork_while_another_thread_holds_the_lock_does_not_deadlock(pool):
     """A data-loader worker forked while another thread is inside the allocator: the fork handlers wait for the
     lock and release it on both sides, so the child's first pooled allocation does not wait forever."""
@@ -215,6 +217,16 @@ def test_fork_while_another_thread_holds_the_lock_does_not_deadlock(pool):
     finally:
         stop.set()
         thread.join()
+
+
+def test_auto_uses_the_pool_on_cpu_from_512_px():
+    assert cpu_allocator.wanted("auto", "cpu", 512) and cpu_allocator.wanted("auto", "cpu", 1024)
+    assert not cpu_allocator.wanted("auto", "cpu", 256)
+    assert cpu_allocator.wanted("pool", "cpu", 128)
+    assert not cpu_allocator.wanted("system", "cpu", 512)
+    assert not cpu_allocator.wanted("pool", "cuda", 512) and not cpu_allocator.wanted("auto", "mps", 512)
+    with pytest.raises(ValueError, match="cpu_allocator"):
+        cpu_allocator.wanted("jemalloc", "cpu", 512)
 
 
 def test_without_a_compiler_the_run_falls_back_with_one_warning(monkeypatch, tmp_path, caplog):

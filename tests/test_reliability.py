@@ -56,8 +56,9 @@ def test_stop_and_resume_gives_the_same_weights(data, tmp_path):
     assert not torch.equal(half["model"]["deepvoxels"], straight["model"]["deepvoxels"])
 
 
-@pytest.mark.parametrize("choice", ["pool", "system"])
+@pytest.mark.parametrize("choice", ["pool", "system", "auto"])
 def test_cpu_allocator_flag_holds_for_the_run_only(data, tmp_path, caplog, choice):
+    """``auto`` at these 128 px images is the system allocator (the pool starts at 512 px)."""
     import cpu_allocator
     if choice == "pool" and cpu_allocator.find_compiler() is None:
         pytest.skip("no C++ compiler: the pool cannot be built here")
@@ -66,7 +67,7 @@ def test_cpu_allocator_flag_holds_for_the_run_only(data, tmp_path, caplog, choic
         code = run_deepvoxels.main(_train_argv(data / "train" / "cube", tmp_path, "--max_steps", "1",
                                                "--cpu_allocator", choice))
     assert code == 0
-    assert f"CPU allocator: {choice}" in caplog.text
+    assert f"CPU allocator: {'system' if choice == 'auto' else choice}" in caplog.text
     stats = cpu_allocator.stats()
     assert stats is None or not stats.active  # given back when main returns
     if choice == "pool":
