@@ -108,7 +108,8 @@ def build_parser() -> configargparse.ArgumentParser:
                    help="recompute cheap layers at any image size, and the full-resolution layers and the view "
                         "volumes, in the backward pass instead of keeping them (same values); on CPU also return "
                         "freed blocks of 1 MiB and up to the OS, on a GPU also step the generator parameter by "
-                        "parameter in its backward pass. ~30-40%% slower; CPU peak RSS at 512 px 5.3 -> 4.6 GB")
+                        "parameter in its backward pass. With --cpu_allocator system at 512 px: CPU peak RSS "
+                        "5.2 -> 4.6 GB, ~50%% slower; the default pool allocator reaches 4.6 GB without it")
     p.add_argument("--cpu_allocator", choices=("auto", "pool", "system"), default="auto",
                    help="CPU runs: 'pool' serves tensors of 1 MiB and up from a cache kept within the peak of "
                         "live tensors + 64 MB (cpu_allocator.py; compiled on first use, ~1 s; falls back to "
