@@ -171,8 +171,7 @@ def _child_allocates(timeout_s: float = 10.0) -> bool:
     pid = os.fork()
     if pid == 0:
         try:
-            t = torch.empty(3 * MiB, dtype=torch.uint8)
-            del t
+            torch.empty(3 * MiB, dtype=torch.uint8)  # allocated and freed at once
         finally:
             os._exit(0)
     deadline = time.monotonic() + timeout_s
@@ -207,8 +206,7 @@ def test_fork_while_another_thread_holds_the_lock_does_not_deadlock(pool):
 
     def churn():
         while not stop.is_set():
-            del_me = torch.empty(2 * MiB, dtype=torch.uint8)
-            del del_me
+            torch.empty(2 * MiB, dtype=torch.uint8)
 
     thread = threading.Thread(target=churn, daemon=True)
     thread.start()
