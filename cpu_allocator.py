@@ -47,9 +47,6 @@ DEFAULT_MARGIN_MB = 64
 # made test rendering ~20% slower than with glibc; with this slack and cached blocks grown in place (mremap)
 # the pool faults about as often as glibc there.
 FIT_SLACK_PER_1024 = 128
-# c10's CPU allocator slot keeps the allocator of the highest priority set so far; this one outranks the
-# default (0) and is the priority the previous allocator is restored with.
-ALLOCATOR_PRIORITY = 100
 # ``--cpu_allocator auto`` (the default) uses the pool from this image size up. At 512 px it is faster and
 # smaller (training 10.8-11.1 s / 4.64 GB against glibc's 11.8-12.0 s / 5.21-5.26 GB, test 1.08 against
 # 1.23 s per view); at 128 px test rendering was 10-30% slower with it (0.062 / 0.083 against 0.055 / 0.062 s
@@ -296,6 +293,10 @@ class BudgetPool final : public c10::Allocator {
   size_t live_ = 0, cached_ = 0, peak_live_ = 0, hits_ = 0, misses_ = 0;
 };
 
+// c10's CPU allocator slot keeps the allocator of the highest priority set so far: the pool outranks the
+// default (0), and the previous allocator is restored with the same priority.
+constexpr uint8_t kPriority = 100;
+
 BudgetPool* pool = nullptr;  // created once, never destroyed: freed tensors may outlive any install
 
 void BudgetPool::deallocate(void* ptr) { pool->give_back(ptr); }
@@ -314,7 +315,7 @@ int dv_pool_install(uint64_t min_bytes, uint64_t round_bytes, uint64_t margin_by
     if (pthread_atfork(lock_before_fork, unlock_after_fork, unlock_after_fork) != 0) return 0;
   }
   pool->configure(min_bytes, round_bytes, margin_bytes, slack_per_1024);
-  c10::SetCPUAllocator(pool, 100);
+  c10::SetCPUAllocator(pool, kPriority);
   return c10::GetCPUAllocator() == pool ? 1 : 0;
 }
 
@@ -324,7 +325,7 @@ void dv_pool_restart_budget() {
 
 void dv_pool_uninstall() {
   if (pool == nullptr) return;
-  if (c10::GetCPUAllocator() == pool) c10::SetCPUAllocator(pool->previous(), 100);
+  if (c10::GetCPUAllocator() == pool) c10::SetCPUAllocator(pool->previous(), kPriority);
   pool->deactivate();
 }
 

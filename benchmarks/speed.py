@@ -357,9 +357,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         pooled = cpu_allocator.wanted(args.cpu_allocator, util.resolve_device(args.device).type,
                                       args.img_sidelength)
         margin = cpu_allocator.DEFAULT_MARGIN_MB if args.pool_margin_mb is None else args.pool_margin_mb
-        with cpu_allocator.cpu_pool(pooled, margin) as pooled:
+        with cpu_allocator.cpu_pool(pooled, margin) as in_use:
             result = run_train(args) if args.child == "train" else run_test(args)
-            pool = cpu_allocator.stats() if pooled else None
+            pool = cpu_allocator.stats() if in_use else None
         if pool is not None:
             result[f"{args.child}_pool"] = {"peak_live_mb": pool.peak_live_bytes / 2 ** 20, "hits": pool.hits,
                                             "misses": pool.misses, "margin_mb": margin}
