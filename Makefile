@@ -49,7 +49,7 @@ install: $(INSTALLED)
 
 $(DEMO_STAMP): $(INSTALLED)
 	rm -rf $(DEMO_DATA)
-	$(PY) data_util.py synthetic --out $(DEMO_DATA) --object $(DEMO_OBJECT) --resolution $(DEMO_RESOLUTION) \
+	$(PY) -m tools.dataset synthetic --out $(DEMO_DATA) --object $(DEMO_OBJECT) --resolution $(DEMO_RESOLUTION) \
 		--num_train $(DEMO_NUM_TRAIN) --num_val $(DEMO_NUM_VAL) --seed 0
 	touch $@
 

@@ -1,4 +1,4 @@
-"""Reading and writing DeepVoxels data, camera helpers, and a small synthetic scene renderer.
+"""DeepVoxels data formats and camera helpers: poses, intrinsics, images, camera paths.
 
 Conventions used throughout this module:
 
@@ -8,22 +8,19 @@ Conventions used throughout this module:
   row v, i.e. image[v, u]. A camera-space point (x, y, z) projects to u = f*x/z + cx,
   v = f*y/z + cy. This matches the original projection code, which casts rays through integer
   pixel coordinates.
-* World up is +z for the synthetic scenes and the camera path helpers.
+* World up is +z for the camera path helpers (and the synthetic scenes in tools/synthetic.py).
 * Images in memory are HxWxC RGB (never BGR); network inputs are float32 (3, S, S) in [-0.5, 0.5].
 
-Run ``python data_util.py --help`` for the dataset tools (synthetic scenes, spiral and interpolated
-test trajectories, COLMAP import, the nearest-neighbour baseline).
+The dataset tools that build on this module (synthetic scenes, trajectories, COLMAP import, the
+nearest-neighbour baseline) live in the tools/ package: ``python -m tools.dataset --help``.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import logging
 import math
 import os
-import sys
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from typing import Sequence, Union
 
 import numpy as np
 
@@ -44,13 +41,10 @@ POSE_ENTRIES = 16
 # Pose files carry 8 decimals in the published data; 1e-3 accepts those and rejects real mistakes.
 POSE_TOLERANCE = 1e-3
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-UINT8_MAX = 255.0
-UINT16_MAX = 65535.0
+UINT8_MAX = 255
+UINT16_MAX = 65535
 # cv2.resize(INTER_AREA) has a dedicated integer path for an exact 2x shrink.
 HALVING_FACTOR = 2
-# Synthetic datasets: focal length per pixel of image side (about 39 degrees field of view). At
-# SYNTH_RADIUS the objects then span about 70% (at most about 77%) of the image.
-SYNTH_FOCAL_PER_PIXEL = 1.4
 # The original test trajectory: an Archimedean spiral with this winding constant, sampled at
 # SPIRAL_ORIGINAL_VIEWS points from the equator up towards the pole.
 SPIRAL_WINDING = 300.0
@@ -60,7 +54,8 @@ SPIRAL_ORIGINAL_VIEWS = 1000
 INTERP_RANK_LOW, INTERP_RANK_HIGH = 1, 11
 
 
-def _one_line(text: str) -> str:
+def one_line(text: object) -> str:
+    """text with every run of whitespace (newlines included) made one space, for one-line errors."""
     return " ".join(str(text).split())
 
 
@@ -81,7 +76,7 @@ def load_pose(path: PathLike) -> np.ndarray:
         with open(path, "r") as fh:
             text = fh.read()
     except OSError as err:
-        raise DataError(f"pose file {path}: cannot read ({_one_line(err.strerror or err)})") from None
+        raise DataError(f"pose file {path}: cannot read ({one_line(err.strerror or err)})") from None
     tokens = text.split()
     if len(tokens) != POSE_ENTRIES:
         raise DataError(f"pose file {path}: expected {POSE_ENTRIES} numbers, found {len(tokens)}")
@@ -153,7 +148,7 @@ def _parse_numbers(path: str, lines: list[str], lineno: int, count: int, what: s
         values = [float(t) for t in tokens[:count]]
     except ValueError:
         raise DataError(f"intrinsics file {path}: line {lineno}: expected {what}, "
-                        f"found {_one_line(lines[lineno - 1])!r}") from None
+                        f"found {one_line(lines[lineno - 1])!r}") from None
     if not all(math.isfinite(v) for v in values):
         raise DataError(f"intrinsics file {path}: line {lineno}: expected finite {what}")
     return values
@@ -179,7 +174,7 @@ def parse_intrinsics(path: PathLike, trgt_sidelength: int
         with open(path, "r") as fh:
             lines = fh.read().splitlines()
     except OSError as err:
-        raise DataError(f"intrinsics file {path}: cannot read ({_one_line(err.strerror or err)})") from None
+        raise DataError(f"intrinsics file {path}: cannot read ({one_line(err.strerror or err)})") from None
     f, cx, cy = _parse_numbers(path, lines, 1, 3, "'f cx cy'")
     barycenter = _parse_numbers(path, lines, 2, 3, "'origin_x origin_y origin_z'")
     near_plane = _parse_numbers(path, lines, 3, 1, "'near_plane'")[0]
@@ -239,7 +234,7 @@ def read_image(path: PathLike) -> np.ndarray:
     except DataError:
         raise
     except Exception as err:  # decoders raise many types; all mean "not a readable image"
-        raise DataError(f"image {path}: cannot decode ({_one_line(err)})") from None
+        raise DataError(f"image {path}: cannot decode ({one_line(err)})") from None
     if img.dtype not in (np.uint8, np.uint16):
         raise DataError(f"image {path}: expected 8 or 16 bit data, found {img.dtype}")
     if img.ndim == 3:
@@ -263,7 +258,7 @@ def _read_png(path: str) -> np.ndarray:
     dtype = np.uint16 if bitdepth > 8 else np.uint8
     img = np.vstack([np.asarray(row, dtype=np.uint32) for row in rows]).reshape(height, width, planes)
     if bitdepth < 8:  # 1/2/4-bit gray: stretch to the 8-bit range as other readers do
-        img = img * (255 // (2 ** bitdepth - 1))
+        img = img * (UINT8_MAX // (2 ** bitdepth - 1))
     return img.astype(dtype)
 
 
@@ -428,11 +423,11 @@ def archimedean_spiral_positions(radius: float, num_views: int,
     return pos + np.asarray(target, dtype=np.float64)
 
 
-def archimedean_spiral_poses(radius: float, num_views: int, target: Sequence[float] = (0.0, 0.0, 0.0),
-                             up: Sequence[float] = (0.0, 0.0, 1.0)) -> np.ndarray:
-    """(num_views, 4, 4) cam2world poses on the spiral (see archimedean_spiral_positions), looking at target."""
+def archimedean_spiral_poses(radius: float, num_views: int, target: Sequence[float] = (0.0, 0.0, 0.0)
+                             ) -> np.ndarray:
+    """(num_views, 4, 4) cam2world poses on the spiral (see archimedean_spiral_positions), looking at target, +z up."""
     positions = archimedean_spiral_positions(radius, num_views, target)
-    return np.stack([look_at(p, target, up) for p in positions], axis=0)
+    return np.stack([look_at(p, target) for p in positions], axis=0)
 
 
 def _nearest_rotation(matrix: np.ndarray) -> np.ndarray:
@@ -491,494 +486,3 @@ def interpolate_training_poses(train_pose_dir: PathLike, out_pose_dir: PathLike,
     return written
 
 
-# ---------------------------------------------------------------------------------------------
-# Synthetic scenes: numpy ray casting
-# ---------------------------------------------------------------------------------------------
-
-# Shading is view independent (Lambertian + ambient, light fixed in the world), so a surface
-# point has one colour in every view; object_surface_points relies on that.
-LIGHT_DIR = np.array([0.45, -0.35, 0.82]) / np.linalg.norm([0.45, -0.35, 0.82])
-AMBIENT = 0.5
-DIFFUSE = 0.5
-BACKGROUND = np.array([1.0, 1.0, 1.0])
-# Rays are cast on a SUPERSAMPLE x SUPERSAMPLE sub-pixel grid and box-averaged (anti-aliasing).
-SUPERSAMPLE = 3
-# Synthetic dataset defaults: camera distance (world units) and elevation range (degrees).
-SYNTH_RADIUS = 1.6
-SYNTH_ELEVATION_DEG = (10.0, 70.0)
-# All objects live in this world box (inside the unit voxel grid centred at the origin).
-OBJECT_EXTENT = 0.4
-
-# Face order for boxes: -x, +x, -y, +y, -z, +z.
-_FACE_NORMALS = np.array([[-1, 0, 0], [1, 0, 0], [0, -1, 0], [0, 1, 0], [0, 0, -1], [0, 0, 1]], dtype=np.float64)
-# Per face, the two in-face axes used as texture coordinates.
-_FACE_UV_AXES = ((1, 2), (1, 2), (0, 2), (0, 2), (0, 1), (0, 1))
-
-TextureFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-
-
-@dataclass(frozen=True)
-class _Box:
-    lo: tuple[float, float, float]
-    hi: tuple[float, float, float]
-    texture: TextureFn  # (points (N,3), normals (N,3), face ids (N,)) -> albedo (N,3)
-
-    def intersect(self, origins: np.ndarray, dirs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Slab test. Returns ray parameter t (inf on a miss) and entry face id per ray."""
-        lo, hi = np.asarray(self.lo), np.asarray(self.hi)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            inv = 1.0 / dirs
-            t0 = (lo - origins) * inv
-            t1 = (hi - origins) * inv
-        t_near_axes = np.minimum(t0, t1)
-        t_far = np.nanmin(np.maximum(t0, t1), axis=1)
-        t_near_axes = np.where(np.isnan(t_near_axes), -np.inf, t_near_axes)
-        axis = np.argmax(t_near_axes, axis=1)
-        t_near = t_near_axes[np.arange(len(axis)), axis]
-        hit = (t_near <= t_far) & (t_near > 0.0)
-        # Entering through the low face of an axis when the ray travels in +axis direction.
-        positive = dirs[np.arange(len(axis)), axis] > 0
-        face = 2 * axis + np.where(positive, 0, 1)
-        return np.where(hit, t_near, np.inf), face
-
-    def surface(self, n: int, rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarray]:
-        """n points uniform by area on the faces, with their face ids."""
-        lo, hi = np.asarray(self.lo), np.asarray(self.hi)
-        size = hi - lo
-        areas = np.array([size[a] * size[b] for a, b in _FACE_UV_AXES])
-        face = rng.choice(6, size=n, p=areas / areas.sum())
-        pts = lo + rng.uniform(size=(n, 3)) * size
-        axis = face // 2
-        pts[np.arange(n), axis] = np.where(face % 2 == 0, lo[axis], hi[axis])
-        return pts, face
-
-
-@dataclass(frozen=True)
-class _Sphere:
-    centre: tuple[float, float, float]
-    radius: float
-    texture: TextureFn
-
-    def intersect(self, origins: np.ndarray, dirs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Nearest positive root of |o + t d - c| = r (d unit length); inf on a miss."""
-        oc = origins - np.asarray(self.centre)
-        b = np.sum(oc * dirs, axis=1)
-        c = np.sum(oc * oc, axis=1) - self.radius ** 2
-        disc = b * b - c
-        root = np.sqrt(np.maximum(disc, 0.0))
-        t = -b - root
-        t = np.where(t > 0, t, -b + root)
-        return np.where((disc >= 0) & (t > 0), t, np.inf), np.full(len(t), -1)
-
-    def surface(self, n: int, rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarray]:
-        v = rng.normal(size=(n, 3))
-        v /= np.linalg.norm(v, axis=1, keepdims=True)
-        return np.asarray(self.centre) + self.radius * v, np.full(n, -1)
-
-    def normals(self, points: np.ndarray) -> np.ndarray:
-        return (points - np.asarray(self.centre)) / self.radius
-
-
-def _checker(a: np.ndarray, b: np.ndarray, cells_per_unit: float) -> np.ndarray:
-    return (np.floor(a * cells_per_unit) + np.floor(b * cells_per_unit)) % 2
-
-
-# Distinct base colours for the cube faces -x, +x, -y, +y, -z, +z.
-_CUBE_FACE_COLOURS = np.array([[0.85, 0.15, 0.15], [0.15, 0.65, 0.20], [0.15, 0.30, 0.90],
-                               [0.95, 0.75, 0.10], [0.60, 0.20, 0.75], [0.10, 0.75, 0.80]])
-CUBE_HALF_SIDE = 0.25
-# Checker cells per world unit on the cube: 4 cells across a face of side 0.5.
-_CUBE_CHECKER_FREQ = 8.0
-
-
-def _cube_texture(points: np.ndarray, normals: np.ndarray, face: np.ndarray) -> np.ndarray:
-    """Per-face base colour, a 4x4 checker that darkens alternate cells, and a gradient to white."""
-    axes = np.array(_FACE_UV_AXES)[face]
-    idx = np.arange(len(face))
-    a, b = points[idx, axes[:, 0]], points[idx, axes[:, 1]]
-    base = _CUBE_FACE_COLOURS[face]
-    dark = _checker(a, b, _CUBE_CHECKER_FREQ)[:, None]
-    # Gradient along the face's first texture axis tells the two ends of a face apart.
-    ramp = ((a + CUBE_HALF_SIDE) / (2 * CUBE_HALF_SIDE))[:, None]
-    albedo = base * (1.0 - 0.45 * dark)
-    return albedo * (1.0 - 0.5 * ramp) + 0.5 * ramp * np.array([0.95, 0.95, 0.95])
-
-
-_PLINTH_LO, _PLINTH_HI = (-0.27, -0.27, -0.3), (0.27, 0.27, -0.15)
-_BALL_RADIUS = 0.24
-_BALL_CENTRE = (0.0, 0.0, _PLINTH_HI[2] + _BALL_RADIUS - 0.04)  # sunk slightly into the plinth
-
-
-def _plinth_texture(points: np.ndarray, normals: np.ndarray, face: np.ndarray) -> np.ndarray:
-    """Red/blue checker on top; grey sides with a coloured stripe that differs per side."""
-    red, blue = np.array([0.85, 0.15, 0.12]), np.array([0.12, 0.25, 0.85])
-    top = _checker(points[:, 0], points[:, 1], 1.0 / 0.11)[:, None]
-    top_albedo = top * red + (1 - top) * blue
-    side_colour = _CUBE_FACE_COLOURS[np.clip(face, 0, 5)]
-    stripe = (np.abs(points[:, 2] - 0.5 * (_PLINTH_LO[2] + _PLINTH_HI[2])) < 0.03)[:, None]
-    side_albedo = np.where(stripe, side_colour, 0.7)
-    return np.where((face == 5)[:, None], top_albedo, side_albedo)
-
-
-def _ball_texture(points: np.ndarray, normals: np.ndarray, face: np.ndarray) -> np.ndarray:
-    """Hue by longitude (8 sectors), lighter bands by latitude: no two views look alike."""
-    lon = np.arctan2(normals[:, 1], normals[:, 0])
-    lat = np.arcsin(np.clip(normals[:, 2], -1.0, 1.0))
-    hue = (lon + np.pi) / (2 * np.pi)
-    sector = np.floor(hue * 8) / 8
-    rgb = 0.5 + 0.4 * np.stack([np.cos(2 * np.pi * (sector + k / 3.0)) for k in range(3)], axis=1)
-    band = (np.floor(lat / (np.pi / 10)) % 2)[:, None]
-    return rgb * (1.0 - 0.35 * band) + 0.2 * band * (1.0 - rgb)
-
-
-def _scene(object_name: str) -> list:
-    if object_name == "cube":
-        h = CUBE_HALF_SIDE
-        return [_Box((-h, -h, -h), (h, h, h), _cube_texture)]
-    if object_name == "sphere_box":
-        return [_Box(_PLINTH_LO, _PLINTH_HI, _plinth_texture), _Sphere(_BALL_CENTRE, _BALL_RADIUS, _ball_texture)]
-    raise ValueError(f"unknown object {object_name!r}; expected one of {', '.join(OBJECT_NAMES)}")
-
-
-OBJECT_NAMES = ("cube", "sphere_box")
-
-
-def _shade(prim, points: np.ndarray, face: np.ndarray) -> np.ndarray:
-    normals = prim.normals(points) if isinstance(prim, _Sphere) else _FACE_NORMALS[face]
-    albedo = prim.texture(points, normals, face)
-    lambert = np.clip(normals @ LIGHT_DIR, 0.0, None)[:, None]
-    return np.clip(albedo * (AMBIENT + DIFFUSE * lambert), 0.0, 1.0)
-
-
-def cast_rays(object_name: str, origins: np.ndarray, dirs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Cast world-space rays (N,3) origins, (N,3) unit dirs. Returns colours (N,3) in [0,1] and hit distance t (inf = background)."""
-    prims = _scene(object_name)
-    hits = [p.intersect(origins, dirs) for p in prims]
-    ts = np.stack([t for t, _ in hits], axis=0)
-    nearest = np.argmin(ts, axis=0)
-    t_min = ts[nearest, np.arange(len(nearest))]
-    colour = np.tile(BACKGROUND, (len(origins), 1))
-    for k, prim in enumerate(prims):
-        sel = (nearest == k) & np.isfinite(t_min)
-        if np.any(sel):
-            pts = origins[sel] + t_min[sel, None] * dirs[sel]
-            colour[sel] = _shade(prim, pts, hits[k][1][sel])
-    return colour, t_min
-
-
-def pixel_rays(cam2world: np.ndarray, f: float, cx: float, cy: float, u: np.ndarray, v: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """World rays through pixel coordinates (u, v) (any shape, flattened): origins (N,3), unit dirs (N,3).
-
-    Inverse of the pinhole projection u = f*x/z + cx, v = f*y/z + cy in the OpenCV camera frame.
-    """
-    cam2world = np.asarray(cam2world, dtype=np.float64)
-    u, v = np.ravel(u).astype(np.float64), np.ravel(v).astype(np.float64)
-    dirs_cam = np.stack([(u - cx) / f, (v - cy) / f, np.ones_like(u)], axis=1)
-    dirs = dirs_cam @ cam2world[:3, :3].T
-    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-    origins = np.broadcast_to(cam2world[:3, 3], dirs.shape).copy()
-    return origins, dirs
-
-
-def render_view(object_name: str, cam2world: np.ndarray, f: float, cx: float, cy: float,
-                height: int, width: int, supersample: int = SUPERSAMPLE) -> np.ndarray:
-    """Render a synthetic object as uint8 (height, width, 3) RGB.
-
-    cam2world: (4, 4) OpenCV camera -> world. Pixel (u, v) = image[v, u] is centred on the
-    integer pixel coordinate (u, v): its supersample x supersample sub-rays sit symmetrically
-    around it and are averaged.
-    """
-    k = int(supersample)
-    offsets = (np.arange(k) + 0.5) / k - 0.5
-    uu = np.arange(width)[None, :, None, None] + offsets[None, None, None, :]   # (1, W, 1, k)
-    vv = np.arange(height)[:, None, None, None] + offsets[None, None, :, None]  # (H, 1, k, 1)
-    uu, vv = np.broadcast_arrays(uu, vv)                                         # (H, W, k, k)
-    origins, dirs = pixel_rays(cam2world, f, cx, cy, uu, vv)
-    colour, _ = cast_rays(object_name, origins, dirs)
-    colour = colour.reshape(height, width, k * k, 3).mean(axis=2)
-    return np.round(colour * UINT8_MAX).astype(np.uint8)
-
-
-def object_surface_points(object_name: str, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Sample n world points on the object's visible-from-above surface, with their rendered colours.
-
-    Returns points (n, 3) float64 and colours (n, 3) uint8. Shading is view independent, so these
-    are the colours every camera sees at those points. Points inside another part of the object
-    and points on downward-facing box faces (never seen from the upper hemisphere) are skipped.
-    """
-    prims = _scene(object_name)
-    rng = np.random.RandomState(seed)
-    pts_all, col_all = [], []
-    remaining = n
-    while remaining > 0:
-        batch = max(2 * remaining, 64)
-        part = rng.choice(len(prims), size=batch)
-        for k, prim in enumerate(prims):
-            m = int(np.sum(part == k))
-            if m == 0:
-                continue
-            pts, face = prim.surface(m, rng)
-            keep = face != 4  # -z box faces
-            for j, other in enumerate(prims):
-                if j != k:
-                    keep &= ~_inside(other, pts)
-            pts, face = pts[keep], face[keep]
-            pts_all.append(pts)
-            col_all.append(np.round(_shade(prim, pts, face) * UINT8_MAX).astype(np.uint8))
-        remaining = n - sum(len(p) for p in pts_all)
-    points = np.concatenate(pts_all)[:n]
-    colours = np.concatenate(col_all)[:n]
-    return points, colours
-
-
-def _inside(prim, pts: np.ndarray) -> np.ndarray:
-    if isinstance(prim, _Sphere):
-        return np.linalg.norm(pts - np.asarray(prim.centre), axis=1) < prim.radius
-    return np.all((pts > np.asarray(prim.lo)) & (pts < np.asarray(prim.hi)), axis=1)
-
-
-def synthetic_focal(resolution: int) -> float:
-    """Focal length in pixels for the synthetic datasets."""
-    return SYNTH_FOCAL_PER_PIXEL * resolution
-
-
-def random_hemisphere_poses(num_views: int, radius: float, rng: np.random.RandomState,
-                            elevation_deg: tuple[float, float] = SYNTH_ELEVATION_DEG) -> np.ndarray:
-    """(num_views, 4, 4) cam2world poses looking at the origin: uniform azimuth, uniform elevation in degrees."""
-    az = rng.uniform(0.0, 360.0, size=num_views)
-    el = rng.uniform(elevation_deg[0], elevation_deg[1], size=num_views)
-    return np.stack([look_at(spherical_position(a, e, radius)) for a, e in zip(az, el)], axis=0)
-
-
-def make_synthetic_dataset(out_root: PathLike, object_name: str, resolution: int = 128, num_train: int = 50,
-                           num_val: int = 25, num_test: int = 50, seed: int = 0,
-                           radius: float = SYNTH_RADIUS) -> dict[str, str]:
-    """Render a DeepVoxels-layout dataset of a synthetic object.
-
-    Writes out_root/{train,validation,test}/<object>/{rgb/%06d.png, pose/%06d.txt, intrinsics.txt}.
-    Train and validation cameras are random on the upper hemisphere at distance radius; test
-    cameras follow the Archimedean spiral. intrinsics.txt: f = SYNTH_FOCAL_PER_PIXEL * resolution, cx = cy =
-    resolution / 2, grid centre at the origin, near plane 0 (use the default), grid scale 1.
-    Returns {split: folder}. Deterministic for a given seed.
-    """
-    if object_name not in OBJECT_NAMES:
-        raise ValueError(f"unknown object {object_name!r}; expected one of {', '.join(OBJECT_NAMES)}")
-    rng = np.random.RandomState(seed)
-    f = synthetic_focal(resolution)
-    c = resolution / 2.0
-    splits = {
-        "train": random_hemisphere_poses(num_train, radius, rng),
-        "validation": random_hemisphere_poses(num_val, radius, rng),
-        "test": archimedean_spiral_poses(radius, num_test),
-    }
-    folders = {}
-    for split, poses in splits.items():
-        folder = os.path.join(os.fspath(out_root), split, object_name)
-        os.makedirs(os.path.join(folder, "rgb"), exist_ok=True)
-        write_pose_folder(os.path.join(folder, "pose"), poses)
-        write_intrinsics(os.path.join(folder, "intrinsics.txt"), f, c, c, (0.0, 0.0, 0.0), 0.0, 1.0,
-                         resolution, resolution)
-        for i, pose in enumerate(poses):
-            write_png(os.path.join(folder, "rgb", f"{i:06d}.png"),
-                      render_view(object_name, pose, f, c, c, resolution, resolution))
-        folders[split] = folder
-        logger.info("wrote %d %s views to %s", len(poses), split, folder)
-    return folders
-
-
-# ---------------------------------------------------------------------------------------------
-# Nearest-neighbour baseline
-# ---------------------------------------------------------------------------------------------
-
-
-def nearest_training_views(train_poses: Sequence[np.ndarray], query_poses: Sequence[np.ndarray]) -> np.ndarray:
-    """For each query pose, the index of the training pose with the most similar viewing direction.
-
-    Similarity is the cosine of the angle between the cam2world[:3, 2] axes (the camera's +z,
-    forward), the measure get_nn_ranking and the training loader use. The original's separate
-    get_nearest_neighbors_pose compared normalised camera *positions* instead; for cameras that
-    look at the object centre the two agree, and the viewing direction also covers cameras that do
-    not. Ties go to the lowest training index. Returns (num_query,) int indices.
-    """
-    def unit_z(poses: Sequence[np.ndarray]) -> np.ndarray:
-        dirs = np.stack([np.asarray(p, dtype=np.float64)[:3, 2] for p in poses], axis=0)
-        return dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
-
-    cos_sim = unit_z(query_poses) @ unit_z(train_poses).T  # (num_query, num_train)
-    return np.argmax(cos_sim, axis=1)
-
-
-def nn_baseline(train_root: PathLike, test_root: PathLike, sidelength: int, use_lpips: bool = True
-                ) -> tuple[list[dict], dict]:
-    """Score the nearest-neighbour baseline: each test view "rendered" as its nearest training image.
-
-    Both images go through the same conversions and the same crop as run_deepvoxels' test mode
-    (load_rgb at sidelength, +0.5 to [0, 1], metrics.crop_border, metrics.psnr / ssim / LPIPS when
-    available), so the numbers compare directly with a trained model's metrics.json.
-
-    Returns (rows, means): rows are {'view', 'pose_file', 'nn_file', 'psnr', 'ssim'[, 'lpips']} per
-    test view; means holds 'psnr', 'ssim'[, 'lpips'] and 'num_views'.
-    Raises DataError when a folder lacks rgb/ or pose/, or the test folder has no images to score.
-    """
-    import metrics
-
-    def views(root: PathLike, what: str) -> tuple[list[str], list[str]]:
-        root = os.fspath(root)
-        images = glob_imgs(os.path.join(root, "rgb"))
-        poses = list_poses(os.path.join(root, "pose"))
-        if not images or not poses:
-            raise DataError(f"{what} folder {root}: expected images in rgb/ and poses in pose/, "
-                            f"found {len(images)} images and {len(poses)} poses")
-        if len(images) != len(poses):
-            raise DataError(f"{what} folder {root}: expected as many images as poses, "
-                            f"found {len(images)} images and {len(poses)} poses")
-        return images, poses
-
-    train_images, train_pose_paths = views(train_root, "training")
-    test_images, test_pose_paths = views(test_root, "test")
-    nearest = nearest_training_views([load_pose(p) for p in train_pose_paths],
-                                     [load_pose(p) for p in test_pose_paths])
-
-    def unit_rgb(path: str) -> np.ndarray:
-        # (3, S, S) in [-0.5, 0.5] -> cropped (S', S', 3) in [0, 1], exactly as test mode treats ground truth.
-        return metrics.crop_border(load_rgb(path, sidelength).transpose(1, 2, 0)) + 0.5
-
-    lpips_scorer = metrics.LpipsScorer() if use_lpips else None
-    train_cache: dict[int, np.ndarray] = {}
-    rows = []
-    for view, (image_path, pose_path) in enumerate(zip(test_images, test_pose_paths)):
-        k = int(nearest[view])
-        if k not in train_cache:
-            train_cache[k] = unit_rgb(train_images[k])
-        pred, gt = train_cache[k], unit_rgb(image_path)
-        row = {"view": view, "pose_file": os.path.basename(pose_path), "nn_file": os.path.basename(train_images[k]),
-               "psnr": metrics.psnr(pred, gt), "ssim": metrics.ssim(pred, gt)}
-        if lpips_scorer is not None and lpips_scorer.available:
-            row["lpips"] = lpips_scorer(pred, gt)
-        rows.append(row)
-    means = {key: float(np.mean([r[key] for r in rows])) for key in ("psnr", "ssim", "lpips") if key in rows[0]}
-    means["num_views"] = len(rows)
-    return rows, means
-
-
-def write_metrics(out_dir: PathLike, rows: list[dict], summary: dict) -> tuple[str, str]:
-    """Write rows as out_dir/metrics.csv and summary as out_dir/metrics.json (test mode's layout)."""
-    import csv
-    import json
-    os.makedirs(out_dir, exist_ok=True)
-    csv_path = os.path.join(os.fspath(out_dir), "metrics.csv")
-    json_path = os.path.join(os.fspath(out_dir), "metrics.json")
-    with open(csv_path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(json_path, "w") as handle:
-        json.dump(summary, handle, indent=1)
-    return csv_path, json_path
-
-
-def run_nn_baseline(train_root: PathLike, test_root: PathLike, sidelength: int, out_dir: PathLike) -> dict:
-    """nn_baseline plus its files (metrics.csv, metrics.json in out_dir); returns the metrics.json content."""
-    rows, means = nn_baseline(train_root, test_root, sidelength)
-    summary = {"method": "nearest training view by viewing direction (cosine of cam2world[:3, 2])",
-               **means, "train_root": os.path.abspath(train_root), "test_root": os.path.abspath(test_root),
-               "img_sidelength": int(sidelength), "out_dir": os.path.abspath(out_dir)}
-    write_metrics(out_dir, rows, summary)
-    return summary
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
-
-
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="DeepVoxels dataset tools.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    synth = sub.add_parser("synthetic", help="render a synthetic train/validation/test dataset")
-    synth.add_argument("--out", required=True, help="output root; writes <out>/{train,validation,test}/<object>")
-    synth.add_argument("--object", default="cube", choices=OBJECT_NAMES, help="which synthetic object")
-    synth.add_argument("--resolution", type=int, default=128, help="image side length in pixels")
-    synth.add_argument("--num_train", type=int, default=50, help="number of training views")
-    synth.add_argument("--num_val", type=int, default=25, help="number of validation views")
-    synth.add_argument("--num_test", type=int, default=50, help="number of test views (spiral)")
-    synth.add_argument("--radius", type=float, default=SYNTH_RADIUS, help="camera distance from the origin, world units")
-    synth.add_argument("--seed", type=int, default=0, help="random seed for the camera positions")
-
-    spiral = sub.add_parser("spiral", help="write test poses on the Archimedean spiral")
-    spiral.add_argument("--out", required=True, help="output pose folder (files %%06d.txt)")
-    spiral.add_argument("--num_views", type=int, default=SPIRAL_ORIGINAL_VIEWS, help="number of poses")
-    spiral.add_argument("--radius", type=float, default=SYNTH_RADIUS, help="camera distance from the origin, world units")
-
-    interp = sub.add_parser("interpolate", help="write a test trajectory interpolating training poses")
-    interp.add_argument("--train_pose_dir", required=True, help="folder of training pose *.txt files")
-    interp.add_argument("--out", required=True, help="output pose folder")
-    interp.add_argument("--num_samples", type=int, default=10, help="number of interpolated segments")
-    interp.add_argument("--num_steps", type=int, default=100, help="poses per segment")
-    interp.add_argument("--seed", type=int, default=0, help="random seed for the pose choice")
-
-    baseline = sub.add_parser("nn_baseline", help="score the nearest training view for each test pose "
-                                                  "(metrics as in test mode)")
-    baseline.add_argument("--train_root", required=True, help="training object folder (rgb/, pose/)")
-    baseline.add_argument("--test_root", required=True, help="test object folder with ground truth (rgb/, pose/)")
-    baseline.add_argument("--img_sidelength", type=int, default=512,
-                          help="side in pixels the images are scored at (as run_deepvoxels --img_sidelength)")
-    baseline.add_argument("--out", default="", help="output folder (default: nn_baseline/<test object>)")
-
-    sub.add_parser("from_colmap", help="convert a COLMAP reconstruction (arguments go to colmap_import)",
-                   add_help=False)
-    return parser
-
-
-def _positive(name: str, value: int) -> None:
-    if value < 1:
-        raise DataError(f"--{name}: expected a positive integer, got {value}")
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command line entry point; returns the exit code (2 on bad input)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if argv and argv[0] == "from_colmap":
-        try:
-            import colmap_import
-        except ImportError:
-            print("error: from_colmap needs colmap_import.py, which is not in this checkout", file=sys.stderr)
-            return 2
-        return colmap_import.main(argv[1:])
-    args = _build_parser().parse_args(argv)
-    try:
-        if args.command == "synthetic":
-            for name in ("resolution", "num_train", "num_test"):
-                _positive(name, getattr(args, name))
-            folders = make_synthetic_dataset(args.out, args.object, args.resolution, args.num_train,
-                                             args.num_val, args.num_test, args.seed, args.radius)
-            print("wrote " + ", ".join(f"{k}: {v}" for k, v in folders.items()))
-        elif args.command == "spiral":
-            _positive("num_views", args.num_views)
-            paths = write_pose_folder(args.out, archimedean_spiral_poses(args.radius, args.num_views))
-            print(f"wrote {len(paths)} spiral poses to {args.out}")
-        elif args.command == "interpolate":
-            _positive("num_samples", args.num_samples)
-            _positive("num_steps", args.num_steps)
-            paths = interpolate_training_poses(args.train_pose_dir, args.out, args.num_samples,
-                                               args.num_steps, args.seed)
-            print(f"wrote {len(paths)} interpolated poses to {args.out}")
-        elif args.command == "nn_baseline":
-            _positive("img_sidelength", args.img_sidelength)
-            out = args.out or os.path.join("nn_baseline", os.path.basename(os.path.normpath(args.test_root)))
-            summary = run_nn_baseline(args.train_root, args.test_root, args.img_sidelength, out)
-            line = f"baseline PSNR {summary['psnr']:.2f} dB  SSIM {summary['ssim']:.4f}"
-            if "lpips" in summary:
-                line += f"  LPIPS {summary['lpips']:.4f}"
-            print(line + f"  over {summary['num_views']} views ({out}: metrics.csv, metrics.json)")
-    except (DataError, ValueError, OSError) as err:
-        print(f"error: {_one_line(err)}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,23 +1,28 @@
-"""Image quality metrics used by test mode, validation and the nearest-neighbour baseline.
+"""Image quality metrics used by test mode, validation and the nearest-neighbour baseline, and the
+files they are reported in.
 
 All scores take images as float arrays (H, W, 3) in [0, 1], cropped by ``crop_border`` first, so that
-every number this project reports (test mode, validation, baseline) is computed the same way.
+every number this project reports (test mode, validation, baseline) is computed the same way, and
+every report is written by ``write_metrics`` in the same layout.
 """
 from __future__ import annotations
 
+import csv
+import json
 import logging
-from typing import Optional
+import os
+from typing import Optional, Union
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
-# Pixels left out on every side before scoring: the original cropped 5 px from its test renders
-# ("boundary errors"). Equal to run_deepvoxels.BORDER, which also crops the training loss.
-EVAL_BORDER = 5
+# Pixels left out on every side: the original cropped 5 px from its test renders and from the
+# training loss ("boundary errors"). The one value for scoring, test renders and the loss.
+BORDER = 5
 
 
-def crop_border(img: np.ndarray, border: int = EVAL_BORDER) -> np.ndarray:
+def crop_border(img: np.ndarray, border: int = BORDER) -> np.ndarray:
     """(H, W, ...) -> (H - 2 border, W - 2 border, ...)."""
     return img[border:-border, border:-border] if border > 0 else img
 
@@ -66,3 +71,25 @@ class LpipsScorer:
 
         with torch.no_grad():
             return float(self.model(to_tensor(pred), to_tensor(target)).item())
+
+
+def write_metrics(out_dir: Union[str, os.PathLike], rows: list[dict], summary: dict
+                  ) -> tuple[Optional[str], str]:
+    """Write per-view rows as out_dir/metrics.csv and summary as out_dir/metrics.json.
+
+    The CSV columns are the keys of the first row; with no rows (nothing to score) no CSV is written
+    and its path is returned as None. Creates out_dir. Returns (csv_path, json_path).
+    """
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path = None
+    if rows:
+        csv_path = os.path.join(out_dir, "metrics.csv")
+        with open(csv_path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))
+            writer.writeheader()
+            writer.writerows(rows)
+    json_path = os.path.join(out_dir, "metrics.json")
+    with open(json_path, "w") as handle:
+        json.dump(summary, handle, indent=1)
+    return csv_path, json_path

@@ -1,7 +1,7 @@
 """Does a COLMAP-converted dataset train as well as the dataset it came from?
 
 Renders a built-in scene, writes its known cameras and surface points as a COLMAP text model in a rotated,
-shifted and scaled world (as a real reconstruction would be), converts it with ``colmap_import``, then trains
+shifted and scaled world (as a real reconstruction would be), converts it with ``tools.colmap_import``, then trains
 the same configuration on the original and on the converted dataset and compares test PSNR/SSIM.
 
     python benchmarks/colmap_parity.py --out /tmp/colmap_parity --config configs/demo.yaml --max_steps 300
@@ -45,6 +45,7 @@ def write_colmap_model(split_dirs: Sequence[str], obj: str, model_dir: str, phot
                        rotation: np.ndarray, shift: np.ndarray) -> None:
     """Known cameras and surface points of ``split_dirs`` as a COLMAP text model; images copied to photo_dir."""
     import data_util
+    from tools import synthetic
     os.makedirs(model_dir, exist_ok=True)
     os.makedirs(photo_dir, exist_ok=True)
     f, cx, cy = (float(v) for v in open(os.path.join(split_dirs[0], "intrinsics.txt")).readline().split()[:3])
@@ -66,7 +67,7 @@ def write_colmap_model(split_dirs: Sequence[str], obj: str, model_dir: str, phot
             centre = WORLD_SCALE * rotation @ cam2world[:3, 3] + shift
             q, t = _quaternion(rot.T), -rot.T @ centre
             handle.write(" ".join([str(image_id), *(repr(float(v)) for v in (*q, *t)), "1", name]) + "\n\n")
-    points, colours = data_util.object_surface_points(obj, NUM_POINTS, seed=0)
+    points, colours = synthetic.object_surface_points(obj, NUM_POINTS, seed=0)
     rng = np.random.RandomState(0)
     with open(os.path.join(model_dir, "points3D.txt"), "w") as handle:
         for pid, (p, c) in enumerate(zip(points, colours), start=1):
@@ -120,10 +121,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "with COLMAP's axes, and/or with COLMAP's axes and the original's placement")
     args, train_flags = parser.parse_known_args(argv)
 
-    import colmap_import
-    import data_util
+    from tools import colmap_import, synthetic
     root = os.path.join(args.out, "original")
-    data_util.make_synthetic_dataset(root, args.object, resolution=args.resolution, num_train=args.num_train,
+    synthetic.make_synthetic_dataset(root, args.object, resolution=args.resolution, num_train=args.num_train,
                                      num_val=1, num_test=args.num_test, seed=0)
     splits = [os.path.join(root, s, args.object) for s in ("train", "test")]
     q, _ = np.linalg.qr(np.random.RandomState(1).normal(size=(3, 3)))

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-import colmap_import
 import data_util
+from tools import colmap_import, synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -121,10 +121,10 @@ class Scene:
         # Names sorted differently from ids: the dataset order follows the names.
         self.names = [f"IMG_{(5 * i) % NUM_CAMERAS:04d}.png" for i in range(NUM_CAMERAS)]
         for name, cam2world in zip(self.names, self.cam2worlds):
-            img = data_util.render_view(OBJECT, cam2world, FOCAL, CX, CY, HEIGHT, WIDTH)
+            img = synthetic.render_view(OBJECT, cam2world, FOCAL, CX, CY, HEIGHT, WIDTH)
             data_util.write_png(os.path.join(self.image_dir, name), img)
 
-        surface, colours = data_util.object_surface_points(OBJECT, NUM_POINTS, seed=0)
+        surface, colours = synthetic.object_surface_points(OBJECT, NUM_POINTS, seed=0)
         far = rng.normal(size=(NUM_FAR_OUTLIERS + NUM_LONELY, 3))
         far = 5.0 * far / np.linalg.norm(far, axis=1, keepdims=True)
         xyz = np.concatenate([surface, far])
@@ -250,7 +250,7 @@ def test_grid_contains_object_and_lies_in_front_of_cameras(scene, converted):
         os.path.join(converted, "intrinsics.txt"), RESOLUTION)
     np.testing.assert_array_equal(origin, [0, 0, 0])
     assert scale == 1.0
-    surface, _ = data_util.object_surface_points(OBJECT, 5000, seed=3)  # not the points COLMAP saw
+    surface, _ = synthetic.object_surface_points(OBJECT, 5000, seed=3)  # not the points COLMAP saw
     inside = ground_truth_to_dataset(scene, converted, surface)
     assert np.abs(inside).max() <= 0.5 * scale
     # Margins: the object fills the grid, it is not lost in a box inflated by the outliers.
@@ -301,7 +301,7 @@ def test_written_images_match_a_render_with_written_camera(scene, converted):
     assert written.shape == (RESOLUTION, RESOLUTION, 3)
 
     def error(dx):
-        render = data_util.render_view(OBJECT, scene.cam2worlds[k], f, cx + dx, cy, RESOLUTION, RESOLUTION)
+        render = synthetic.render_view(OBJECT, scene.cam2worlds[k], f, cx + dx, cy, RESOLUTION, RESOLUTION)
         return np.abs(render - written).mean()
 
     assert error(0.0) < 2.0
@@ -382,7 +382,7 @@ def test_alignment_puts_the_cube_square_in_the_grid(scene, converted):
     angle = np.degrees(np.arccos(np.clip((np.trace(nearest_axes.T @ gt_to_dataset) - 1) / 2, -1, 1)))
     assert angle < 2.0
     # The grid is as tight as the margins allow: the cube (side 1 in ground truth) fills 1 / (1 + 2 margin).
-    inside = ground_truth_to_dataset(scene, converted, data_util.object_surface_points(OBJECT, 5000, seed=3)[0])
+    inside = ground_truth_to_dataset(scene, converted, synthetic.object_surface_points(OBJECT, 5000, seed=3)[0])
     assert np.ptp(inside, axis=0).max() > 0.75
 
 
@@ -472,15 +472,15 @@ def test_run_colmap_without_colmap(scene, tmp_path, no_colmap, capsys):
     assert "colmap" in err and "apt-get install colmap" in err
 
 
-def test_command_lines_exit_2_without_traceback(tmp_path):
+@pytest.mark.slow
+def test_command_line_exits_2_without_traceback(tmp_path):
     env = dict(os.environ, PATH=os.path.dirname(sys.executable))
-    for script in (["colmap_import.py"], ["data_util.py", "from_colmap"]):
-        result = subprocess.run([sys.executable, *script, "--colmap_dir", str(tmp_path / "nowhere"),
-                                 "--images", str(tmp_path), "--out", str(tmp_path / "object")],
-                                cwd=REPO, env=env, capture_output=True, text=True)
-        assert result.returncode == 2, result.stderr
-        assert "Traceback" not in result.stderr
-        assert result.stderr.strip().startswith("error: ") and "nowhere" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "tools.dataset", "from_colmap", "--colmap_dir",
+                             str(tmp_path / "nowhere"), "--images", str(tmp_path), "--out", str(tmp_path / "object")],
+                            cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: ") and "nowhere" in result.stderr
 
 
 FAKE_COLMAP = """#!{python}
@@ -521,6 +521,7 @@ def fake_colmap(scene, tmp_path, monkeypatch):
     return radial, log
 
 
+@pytest.mark.slow
 def test_run_colmap_pipeline(scene, converted, fake_colmap, tmp_path):
     _, log = fake_colmap
     out = str(tmp_path / "object")
@@ -534,6 +535,7 @@ def test_run_colmap_pipeline(scene, converted, fake_colmap, tmp_path):
                                       np.loadtxt(os.path.join(converted, "pose", name)))
 
 
+@pytest.mark.slow
 def test_distorted_model_is_undistorted_when_colmap_is_present(scene, fake_colmap, tmp_path):
     radial, log = fake_colmap
     out = str(tmp_path / "object")

@@ -12,6 +12,7 @@ import torch
 import data_util
 import dataio
 from data_util import DataError
+from tools import synthetic
 
 NUM_REFERENCE_POSES = 6
 # (azimuth deg, elevation deg, radius) of reference pose_i.txt, from the reference README.
@@ -138,7 +139,7 @@ def test_load_rgb_scales_crops_and_keeps_16_bit(tmp_path):
 
     deep = np.full((4, 4, 3), 1000, dtype=np.uint16)
     rgb = data_util.load_rgb(_png(tmp_path / "deep.png", deep), 4)
-    np.testing.assert_allclose(rgb, 1000 / 65535 - 0.5, rtol=1e-6)
+    np.testing.assert_allclose(rgb, 1000 / data_util.UINT16_MAX - 0.5, rtol=1e-6)
     assert rgb.min() >= -0.5 and rgb.max() <= 0.5
 
 
@@ -448,7 +449,7 @@ def test_test_dataset_with_and_without_images(tmp_path):
 def test_world2cam_flag_on_line_6_inverts_the_pose_files(tmp_path):
     """intrinsics.txt line 6 = 1: pose/ holds world-to-camera matrices; the loaders return camera-to-world."""
     root = tmp_path / "data"
-    data_util.make_synthetic_dataset(str(root), "cube", resolution=64, num_train=3, num_val=1, num_test=1, seed=0)
+    synthetic.make_synthetic_dataset(str(root), "cube", resolution=64, num_train=3, num_val=1, num_test=1, seed=0)
     plain = root / "train" / "cube"
     flipped = tmp_path / "flipped"
     shutil.copytree(plain, flipped)

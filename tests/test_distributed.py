@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import data_util
 import run_deepvoxels
+from tools import synthetic
 
 TINY = ["--img_sidelength", "128", "--grid_dim", "8", "--num_grid_feats", "4", "--nf0", "4", "--device", "cpu"]
 WORLD = 2
@@ -37,7 +37,7 @@ def _worker(rank: int, argv: list, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp_data")
-    data_util.make_synthetic_dataset(str(root), "cube", resolution=128, num_train=6, num_val=2, num_test=3, seed=1)
+    synthetic.make_synthetic_dataset(str(root), "cube", resolution=128, num_train=6, num_val=2, num_test=3, seed=1)
     return root
 
 

@@ -28,6 +28,7 @@ import metrics
 from conftest import TEST_DEVICE
 import run_deepvoxels
 import util
+from tools import dataset, nn_baseline, synthetic
 
 SIDE = 128
 TINY_MODEL = ["--img_sidelength", str(SIDE), "--grid_dim", "8", "--num_grid_feats", "4", "--nf0", "4"]
@@ -68,7 +69,7 @@ def _run_logged(argv: list[str]) -> tuple[int, list[str], str]:
 def run(tmp_path_factory) -> types.SimpleNamespace:
     """Train two steps (validation after each, one validation view), then test the last checkpoint."""
     root = tmp_path_factory.mktemp("evaluation")
-    folders = data_util.make_synthetic_dataset(root / "data", "cube", resolution=SIDE, num_train=4, num_val=2,
+    folders = synthetic.make_synthetic_dataset(root / "data", "cube", resolution=SIDE, num_train=4, num_val=2,
                                                num_test=2, seed=0)
     logs = root / "logs"
     train_code, train_log, _ = _run_logged(
@@ -153,7 +154,7 @@ def test_test_mode_metrics_recompute_from_pngs(run):
     pose_paths = data_util.list_poses(os.path.join(run.folders["test"], "pose"))
     assert [int(r["view"]) for r in rows] == list(range(len(gt_paths)))
     assert [r["pose_file"] for r in rows] == [os.path.basename(p) for p in pose_paths]
-    border = metrics.EVAL_BORDER
+    border = metrics.BORDER
     for row, gt_path in zip(rows, gt_paths):
         png = data_util.read_image(os.path.join(run.test_dir, f"img_{int(row['view']):05d}.png"))
         assert png.dtype == np.uint16 and png.shape == (SIDE - 2 * border, SIDE - 2 * border, 3)
@@ -181,7 +182,7 @@ def test_test_mode_writes_depth_video_and_comparison(run):
     assert len(glob.glob(os.path.join(run.test_dir, "depth", "img_*.png"))) == views
     assert [p for p in ("video.mp4", "video.gif") if os.path.isfile(os.path.join(run.test_dir, p))]
     strip = data_util.read_image(os.path.join(run.test_dir, "comparison.png"))
-    crop = SIDE - 2 * metrics.EVAL_BORDER
+    crop = SIDE - 2 * metrics.BORDER
     assert strip.dtype == np.uint8 and strip.shape == (2 * crop, views * crop, 3)  # ground truth above renders
 
 
@@ -191,7 +192,7 @@ def test_lpips_notice_at_most_once_in_test_mode(run):
 
 
 def test_eval_border_is_the_training_crop():
-    assert metrics.EVAL_BORDER == run_deepvoxels.BORDER
+    assert metrics.BORDER == run_deepvoxels.BORDER
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -283,7 +284,7 @@ def test_nearest_training_views_by_viewing_direction():
     shifted[:3, 3] += np.array([0.0, 5.0, 0.0])
     queries = [data_util.look_at((1.0, 0.2, 0.1)), data_util.look_at((-0.3, 3.0, 0.0)), shifted,
                data_util.look_at((-1.0, -0.1, 1.0))]
-    assert data_util.nearest_training_views(train, queries).tolist() == [0, 1, 0, 2]
+    assert nn_baseline.nearest_training_views(train, queries).tolist() == [0, 1, 0, 2]
 
 
 def _constant_views(folder, poses, levels) -> None:
@@ -298,7 +299,7 @@ def test_nn_baseline_hand_computed(tmp_path):
     _constant_views(tmp_path / "train", [east, north], [100, 200])
     # Test view 0 looks almost like `east` and shows grey 110; test view 1 *is* `north` with its image.
     _constant_views(tmp_path / "test", [data_util.look_at((2.0, 0.1, 0.4)), north], [110, 200])
-    rows, means = data_util.nn_baseline(tmp_path / "train", tmp_path / "test", SIDE, use_lpips=False)
+    rows, means = nn_baseline.nn_baseline(tmp_path / "train", tmp_path / "test", SIDE, use_lpips=False)
 
     assert [r["nn_file"] for r in rows] == ["000000.png", "000001.png"]
     # Constant images: PSNR = 20 log10(255 / 10); SSIM has only its luminance term (no variance anywhere).
@@ -319,14 +320,14 @@ def test_nn_baseline_picks_a_training_view_shown_again(run, tmp_path):
     for new, old in enumerate((3, 1)):
         shutil.copy(os.path.join(train, "rgb", f"{old:06d}.png"), test / "rgb" / f"{new:06d}.png")
         shutil.copy(os.path.join(train, "pose", f"{old:06d}.txt"), test / "pose" / f"{new:06d}.txt")
-    rows, _ = data_util.nn_baseline(train, test, SIDE, use_lpips=False)
+    rows, _ = nn_baseline.nn_baseline(train, test, SIDE, use_lpips=False)
     assert [r["nn_file"] for r in rows] == ["000003.png", "000001.png"]
     assert all(r["psnr"] == math.inf and r["ssim"] == pytest.approx(1.0) for r in rows)
 
 
 def test_nn_baseline_command_writes_its_files(run, tmp_path, capsys):
     out = tmp_path / "baseline"
-    code = data_util.main(["nn_baseline", "--train_root", run.folders["train"], "--test_root", run.folders["test"],
+    code = dataset.main(["nn_baseline", "--train_root", run.folders["train"], "--test_root", run.folders["test"],
                            "--img_sidelength", str(SIDE), "--out", str(out)])
     assert code == 0
     rows = _read_csv(out / "metrics.csv")
@@ -337,7 +338,7 @@ def test_nn_baseline_command_writes_its_files(run, tmp_path, capsys):
     assert summary["psnr"] == pytest.approx(np.mean([float(r["psnr"]) for r in rows]), rel=1e-12)
     assert summary["img_sidelength"] == SIDE
     # Scored like test mode: the recomputed score of the chosen training image matches.
-    border = metrics.EVAL_BORDER
+    border = metrics.BORDER
     for row, gt_path in zip(rows, data_util.glob_imgs(os.path.join(run.folders["test"], "rgb"))):
         nn = data_util.load_rgb(os.path.join(run.folders["train"], "rgb", row["nn_file"]), SIDE)
         gt = data_util.load_rgb(gt_path, SIDE)
@@ -351,16 +352,16 @@ def test_nn_baseline_command_writes_its_files(run, tmp_path, capsys):
 def test_nn_baseline_command_rejects_a_test_folder_without_images(run, tmp_path, capsys):
     poses_only = tmp_path / "poses_only"
     shutil.copytree(os.path.join(run.folders["test"], "pose"), poses_only / "pose")
-    code = data_util.main(["nn_baseline", "--train_root", run.folders["train"], "--test_root", str(poses_only),
+    code = dataset.main(["nn_baseline", "--train_root", run.folders["train"], "--test_root", str(poses_only),
                            "--img_sidelength", str(SIDE), "--out", str(tmp_path / "o")])
     assert code == 2
     assert "test folder" in capsys.readouterr().err
 
 
 def test_interpolate_command(tmp_path, capsys):
-    poses = data_util.random_hemisphere_poses(12, 1.6, np.random.RandomState(1))
+    poses = synthetic.random_hemisphere_poses(12, 1.6, np.random.RandomState(1))
     data_util.write_pose_folder(tmp_path / "train_pose", poses)
-    assert data_util.main(["interpolate", "--train_pose_dir", str(tmp_path / "train_pose"),
+    assert dataset.main(["interpolate", "--train_pose_dir", str(tmp_path / "train_pose"),
                            "--out", str(tmp_path / "traj"), "--num_samples", "2", "--num_steps", "3"]) == 0
     written = data_util.list_poses(tmp_path / "traj")
     assert len(written) == 6 and "wrote 6 interpolated poses" in capsys.readouterr().out

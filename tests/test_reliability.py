@@ -13,6 +13,7 @@ import torch
 import data_util
 import run_deepvoxels
 import util
+from tools import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--img_sidelength", "128", "--grid_dim", "8", "--num_grid_feats", "4", "--nf0", "4", "--device", "cpu"]
@@ -21,7 +22,7 @@ TINY = ["--img_sidelength", "128", "--grid_dim", "8", "--num_grid_feats", "4", "
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability_data")
-    data_util.make_synthetic_dataset(str(root), "cube", resolution=128, num_train=6, num_val=2, num_test=2, seed=3)
+    synthetic.make_synthetic_dataset(str(root), "cube", resolution=128, num_train=6, num_val=2, num_test=2, seed=3)
     return root
 
 

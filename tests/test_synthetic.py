@@ -1,4 +1,4 @@
-"""Tests for the synthetic renderer, the dataset generator and the data_util command line.
+"""Tests for the synthetic renderer, the dataset generator and the dataset command line (tools.dataset).
 
 The camera-convention tests project world points with the pinhole model used everywhere in this
 project (OpenCV camera frame from inv(cam2world); u = f*x/z + cx is the column, v = f*y/z + cy the
@@ -6,16 +6,16 @@ row; integer (u, v) is the centre of image[v, u]) and check the renderer agrees.
 """
 import filecmp
 import os
-import sys
 
 import numpy as np
 import pytest
 
 import data_util
 import dataio
+from tools import colmap_import, dataset, synthetic
 
 RES = 96
-F = data_util.synthetic_focal(RES)
+F = synthetic.synthetic_focal(RES)
 C = RES / 2.0
 FLAT_RANGE = 8  # uint8 levels
 COLOUR_TOLERANCE = 3  # uint8 levels
@@ -29,7 +29,7 @@ def _project(cam2world: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.
     return F * cam[:, 0] / cam[:, 2] + C, F * cam[:, 1] / cam[:, 2] + C, cam[:, 2]
 
 
-def _pose(az: float, el: float, radius: float = data_util.SYNTH_RADIUS) -> np.ndarray:
+def _pose(az: float, el: float, radius: float = synthetic.SYNTH_RADIUS) -> np.ndarray:
     return data_util.look_at(data_util.spherical_position(az, el, radius))
 
 
@@ -37,23 +37,23 @@ def test_pixel_rays_invert_the_projection():
     rng = np.random.RandomState(0)
     cam2world = _pose(37.0, 28.0)
     u, v = rng.uniform(-5, RES + 5, size=50), rng.uniform(-5, RES + 5, size=50)
-    origins, dirs = data_util.pixel_rays(cam2world, F, C, C, u, v)
+    origins, dirs = synthetic.pixel_rays(cam2world, F, C, C, u, v)
     np.testing.assert_allclose(np.linalg.norm(dirs, axis=1), 1.0)
     points = origins + rng.uniform(0.5, 3.0, size=(50, 1)) * dirs
     pu, pv, z = _project(cam2world, points)
     assert np.all(z > 0)
     np.testing.assert_allclose(pu, u, atol=1e-9)
     np.testing.assert_allclose(pv, v, atol=1e-9)
-    _, axis = data_util.pixel_rays(cam2world, F, C, C, np.array([C]), np.array([C]))
+    _, axis = synthetic.pixel_rays(cam2world, F, C, C, np.array([C]), np.array([C]))
     np.testing.assert_allclose(axis[0], cam2world[:3, 2], atol=1e-12)  # principal point = optical axis
 
 
 def test_optical_axis_hits_the_targeted_checker_cell():
     # The centre of a checker cell on the cube's top face (cells are 1/8 wide, edges at multiples).
-    cell_centre = np.array([0.0625, -0.0625, data_util.CUBE_HALF_SIDE])
+    cell_centre = np.array([0.0625, -0.0625, synthetic.CUBE_HALF_SIDE])
     cam2world = data_util.look_at(cell_centre + np.array([0.6, -0.4, 1.2]), target=cell_centre)
-    img = data_util.render_view("cube", cam2world, F, C, C, RES, RES)
-    points, colours = data_util.object_surface_points("cube", 20000, seed=1)
+    img = synthetic.render_view("cube", cam2world, F, C, C, RES, RES)
+    points, colours = synthetic.object_surface_points("cube", 20000, seed=1)
     nearest = np.argmin(np.linalg.norm(points - cell_centre, axis=1))
     assert np.linalg.norm(points[nearest] - cell_centre) < 0.01
     # Integer (cx, cy) = (C, C) is the centre of image[C, C]; the cell's gradient allows a few levels.
@@ -67,13 +67,13 @@ def test_optical_axis_hits_the_targeted_checker_cell():
                                                  ("sphere_box", 110.0, 25.0)])
 def test_surface_points_project_onto_their_colour(object_name, az, el):
     cam2world = _pose(az, el)
-    img = data_util.render_view(object_name, cam2world, F, C, C, RES, RES)
-    points, colours = data_util.object_surface_points(object_name, 5000, seed=0)
+    img = synthetic.render_view(object_name, cam2world, F, C, C, RES, RES)
+    points, colours = synthetic.object_surface_points(object_name, 5000, seed=0)
     # Visible = the first hit of the ray from the camera to the point is the point itself.
     centre = cam2world[:3, 3]
     to_point = points - centre
     dist = np.linalg.norm(to_point, axis=1)
-    _, t_hit = data_util.cast_rays(object_name, np.tile(centre, (len(points), 1)), to_point / dist[:, None])
+    _, t_hit = synthetic.cast_rays(object_name, np.tile(centre, (len(points), 1)), to_point / dist[:, None])
     visible = np.abs(t_hit - dist) < 1e-6
     assert visible.sum() > 500
     u, v, _ = _project(cam2world, points[visible])
@@ -94,8 +94,8 @@ def test_surface_points_project_onto_their_colour(object_name, az, el):
 
 def test_cube_silhouette_matches_projected_corners():
     cam2world = _pose(50.0, 30.0)
-    img = data_util.render_view("cube", cam2world, F, C, C, RES, RES)
-    u, v, _ = _project(cam2world, CORNER_SIGNS * data_util.CUBE_HALF_SIDE)
+    img = synthetic.render_view("cube", cam2world, F, C, C, RES, RES)
+    u, v, _ = _project(cam2world, CORNER_SIGNS * synthetic.CUBE_HALF_SIDE)
     rows, cols = np.nonzero((img < 250).any(axis=2))
     # Pixel j spans [j - 0.5, j + 0.5]: the covered pixels must bracket the projected extent.
     assert abs(cols.min() - u.min()) <= 1.0 and abs(cols.max() - u.max()) <= 1.0
@@ -104,10 +104,10 @@ def test_cube_silhouette_matches_projected_corners():
 
 
 def test_objects_fit_grid_and_frame():
-    for name in data_util.OBJECT_NAMES:
-        points, colours = data_util.object_surface_points(name, 2000, seed=3)
+    for name in synthetic.OBJECT_NAMES:
+        points, colours = synthetic.object_surface_points(name, 2000, seed=3)
         assert points.shape == (2000, 3) and colours.shape == (2000, 3) and colours.dtype == np.uint8
-        assert np.abs(points).max() <= data_util.OBJECT_EXTENT + 1e-9
+        assert np.abs(points).max() <= synthetic.OBJECT_EXTENT + 1e-9
         for az, el in [(0.0, 10.0), (123.0, 70.0)]:
             u, v, _ = _project(_pose(az, el), points)
             extent = max(u.max() - u.min(), v.max() - v.min()) / RES
@@ -116,15 +116,15 @@ def test_objects_fit_grid_and_frame():
 
 
 def test_render_is_deterministic_and_view_dependent():
-    f = data_util.synthetic_focal(32)
-    a = data_util.render_view("sphere_box", _pose(10.0, 30.0), f, 16, 16, 32, 32)
-    b = data_util.render_view("sphere_box", _pose(10.0, 30.0), f, 16, 16, 32, 32)
-    c = data_util.render_view("sphere_box", _pose(100.0, 30.0), f, 16, 16, 32, 32)
+    f = synthetic.synthetic_focal(32)
+    a = synthetic.render_view("sphere_box", _pose(10.0, 30.0), f, 16, 16, 32, 32)
+    b = synthetic.render_view("sphere_box", _pose(10.0, 30.0), f, 16, 16, 32, 32)
+    c = synthetic.render_view("sphere_box", _pose(100.0, 30.0), f, 16, 16, 32, 32)
     assert a.dtype == np.uint8 and a.shape == (32, 32, 3)
     np.testing.assert_array_equal(a, b)
     assert np.abs(a.astype(int) - c).mean() > 5
     with pytest.raises(ValueError, match="unknown object"):
-        data_util.render_view("teapot", _pose(0.0, 30.0), F, C, C, 8, 8)
+        synthetic.render_view("teapot", _pose(0.0, 30.0), F, C, C, 8, 8)
 
 
 def _tree_files(root) -> list[str]:
@@ -132,11 +132,11 @@ def _tree_files(root) -> list[str]:
 
 
 def test_make_synthetic_dataset_layout_determinism_and_loading(tmp_path):
-    folders = data_util.make_synthetic_dataset(tmp_path / "a", "cube", resolution=24, num_train=4, num_val=2,
+    folders = synthetic.make_synthetic_dataset(tmp_path / "a", "cube", resolution=24, num_train=4, num_val=2,
                                                num_test=3, seed=5)
-    data_util.make_synthetic_dataset(tmp_path / "b", "cube", resolution=24, num_train=4, num_val=2,
+    synthetic.make_synthetic_dataset(tmp_path / "b", "cube", resolution=24, num_train=4, num_val=2,
                                      num_test=3, seed=5)
-    data_util.make_synthetic_dataset(tmp_path / "c", "cube", resolution=24, num_train=4, num_val=2,
+    synthetic.make_synthetic_dataset(tmp_path / "c", "cube", resolution=24, num_train=4, num_val=2,
                                      num_test=3, seed=6)
     files = _tree_files(tmp_path / "a")
     counts = {"train": 4, "validation": 2, "test": 3}
@@ -153,12 +153,12 @@ def test_make_synthetic_dataset_layout_determinism_and_loading(tmp_path):
         (tmp_path / "c/train/cube/pose/000000.txt").read_text()
 
     intrinsic, barycenter, scale, near, _ = data_util.parse_intrinsics(tmp_path / "a/train/cube/intrinsics.txt", 24)
-    assert intrinsic[0, 0] == data_util.synthetic_focal(24) and intrinsic[0, 2] == intrinsic[1, 2] == 12.0
+    assert intrinsic[0, 0] == synthetic.synthetic_focal(24) and intrinsic[0, 2] == intrinsic[1, 2] == 12.0
     assert (scale, near) == (1.0, 0.0) and not barycenter.any()
     for split in counts:
         for path in data_util.list_poses(os.path.join(folders[split], "pose")):
             pose = data_util.load_pose(path)
-            assert abs(np.linalg.norm(pose[:3, 3]) - data_util.SYNTH_RADIUS) < 1e-5
+            assert abs(np.linalg.norm(pose[:3, 3]) - synthetic.SYNTH_RADIUS) < 1e-5
             assert pose[2, 3] >= -1e-6  # upper hemisphere
 
     train = dataio.NovelViewTriplets(folders["train"], 16)
@@ -170,36 +170,27 @@ def test_make_synthetic_dataset_layout_determinism_and_loading(tmp_path):
                                .transpose(2, 0, 1) / 255.0 - 0.5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_cli_synthetic_spiral_and_errors(tmp_path, capsys):
-    rc = data_util.main(["synthetic", "--out", str(tmp_path / "d"), "--object", "sphere_box", "--resolution", "16",
+    rc = dataset.main(["synthetic", "--out", str(tmp_path / "d"), "--object", "sphere_box", "--resolution", "16",
                          "--num_train", "2", "--num_val", "1", "--num_test", "2", "--seed", "1"])
     assert rc == 0
     assert len(data_util.glob_imgs(tmp_path / "d/train/sphere_box/rgb")) == 2
-    assert data_util.main(["spiral", "--out", str(tmp_path / "sp"), "--num_views", "5", "--radius", "1.2"]) == 0
+    assert dataset.main(["spiral", "--out", str(tmp_path / "sp"), "--num_views", "5", "--radius", "1.2"]) == 0
     assert len(data_util.list_poses(tmp_path / "sp")) == 5
     capsys.readouterr()
 
-    assert data_util.main(["spiral", "--out", str(tmp_path / "x"), "--num_views", "0"]) == 2
+    assert dataset.main(["spiral", "--out", str(tmp_path / "x"), "--num_views", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     missing = tmp_path / "no_poses"
-    assert data_util.main(["interpolate", "--train_pose_dir", str(missing), "--out", str(tmp_path / "o")]) == 2
+    assert dataset.main(["interpolate", "--train_pose_dir", str(missing), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(missing) in err and err.count("\n") == 1
 
 
-def test_cli_from_colmap_forwards_arguments(monkeypatch, capsys):
-    class FakeColmapImport:
-        received = None
-
-        @staticmethod
-        def main(argv):
-            FakeColmapImport.received = argv
-            return 0
-
-    monkeypatch.setitem(sys.modules, "colmap_import", FakeColmapImport)
-    assert data_util.main(["from_colmap", "--images", "x", "--out", "y"]) == 0
-    assert FakeColmapImport.received == ["--images", "x", "--out", "y"]
-    monkeypatch.setitem(sys.modules, "colmap_import", None)  # makes the import fail
-    assert data_util.main(["from_colmap"]) == 2
-    assert "colmap_import" in capsys.readouterr().err
+def test_cli_from_colmap_forwards_arguments(monkeypatch):
+    received = []
+    monkeypatch.setattr(colmap_import, "main", lambda argv: received.append(argv) or 0)
+    assert dataset.main(["from_colmap", "--images", "x", "--out", "y"]) == 0
+    assert received == [["--images", "x", "--out", "y"]]

@@ -1,10 +1,9 @@
 """Turn a COLMAP sparse reconstruction into a DeepVoxels object folder, grid placed automatically.
 
-Usage (either entry point takes the same flags):
+Usage:
 
-    python colmap_import.py --colmap_dir SPARSE --images DIR --out OUT [--resolution 512]
-    python data_util.py from_colmap --colmap_dir SPARSE --images DIR --out OUT
-    python colmap_import.py --run_colmap --images DIR --out OUT      # run COLMAP first
+    python -m tools.dataset from_colmap --colmap_dir SPARSE --images DIR --out OUT [--resolution 512]
+    python -m tools.dataset from_colmap --run_colmap --images DIR --out OUT      # run COLMAP first
 
 OUT receives the layout the DeepVoxels loader reads:
 
@@ -72,7 +71,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-import data_util  # attributes are looked up at call time: data_util imports this module too
+import data_util
 
 log = logging.getLogger(__name__)
 
@@ -745,7 +744,7 @@ def convert(model: SparseModel, image_dir: str, out_dir: str, resolution: Option
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="colmap_import.py",
+        prog="python -m tools.dataset from_colmap",
         description="Turn a COLMAP sparse model (text or binary) into a DeepVoxels object folder.")
     parser.add_argument("--colmap_dir", help="COLMAP sparse model folder (cameras/images/points3D .txt "
                         "or .bin); not needed with --run_colmap")
@@ -807,11 +806,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 scale=args.scale, near_plane=args.near_plane, margin=args.margin, trim=args.trim,
                 max_focal_mismatch=args.max_focal_mismatch, align=args.align)
     except (data_util.DataError, OSError) as err:
-        message = " ".join(str(err).split())  # one line, whatever the cause
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {data_util.one_line(err)}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
