@@ -1,7 +1,8 @@
 # Two commands for a fresh clone, no download and no GPU needed:
 #   make demo   render a synthetic scene, train a CPU-sized DeepVoxels on it, test it, print PSNR/SSIM
 #   make test   run the test suite
-# Both create .venv (python3 -m venv) and install requirements.txt into it the first time.
+# Both create .venv (python3 -m venv) the first time and install requirements.txt into it; `make test` also
+# installs requirements-dev.txt (the test tools).
 
 SHELL := /bin/bash
 # -e: stop at the first failing command; pipefail: a failing program is not hidden by `| tee`.
@@ -11,8 +12,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Written after a successful install; newer than requirements.txt means there is nothing to do.
+# Written after a successful install; newer than the requirements file(s) means there is nothing to do.
 INSTALLED := $(VENV)/.installed
+INSTALLED_DEV := $(VENV)/.installed-dev
 
 # The demo scene. The dataset generator's flags live here, not in configs/demo.yaml, because
 # run_deepvoxels.py rejects flags it does not know.
@@ -45,6 +47,11 @@ $(INSTALLED): requirements.txt | $(PY)
 	$(VENV)/bin/pip install --disable-pip-version-check -r requirements.txt
 	touch $@
 
+# requirements-dev.txt includes requirements.txt, so a change to either reinstalls.
+$(INSTALLED_DEV): requirements-dev.txt requirements.txt | $(PY)
+	$(VENV)/bin/pip install --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
 install: $(INSTALLED)
 
 $(DEMO_STAMP): $(INSTALLED)
@@ -73,7 +80,7 @@ demo: $(DEMO_STAMP)
 	@renders=$$(sed -n 's/^renders: \([^ ]*\) .*/\1/p' $(DEMO_LOGS)/test.out | tail -n 1); \
 	$(PY) -c '$(DEMO_SUMMARY)' "$$renders/metrics.json"
 
-test: $(INSTALLED)
+test: $(INSTALLED_DEV)
 	$(PY) -m pytest -q tests
 
 clean:
