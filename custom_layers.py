@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import util
-from pytorch_prototyping import (Conv2dSame, Conv3d, Conv3dSame, DownsamplingNet, ReplicationPad3d, Unet, Unet3d,
-                                  UpsamplingNet)
-from pytorch_prototyping.memory import recompute_in_backward
+from performance import recompute_in_backward
+from pytorch_prototyping import (Conv2dSame, Conv3dSame, DownsamplingNet, ReplicationPad3d, Unet, Unet3d, UpsamplingNet,
+                                  at_least_float32)
 
 RENDER_DROPOUT = 0.1  # dropout probability inside the rendering net (original default)
 INTEGRATION_DROPOUT = 0.2  # channel dropout on the integration net's candidate features
@@ -43,12 +43,12 @@ class FeatureExtractor(nn.Module):
                  max_channels=8 * nf0, num_down=num_down_unet, norm=nn.BatchNorm2d),
         )
 
-        # When True (set by DeepVoxels), the first down block, the one working at the input's full
+        # When True (``performance.enable``), the first down block, the one working at the input's full
         # resolution, keeps no activations and is recomputed in the backward pass (same values).
         self.recompute_full_resolution = False
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        # Channels-last: oneDNN's convolutions are ~1.4x faster on wide maps, and every layer keeps the layout.
+        # Channels-last: oneDNN's convolutions are faster so on wide maps, and every layer keeps the layout.
         x = img.contiguous(memory_format=torch.channels_last)
         downs = self.net[0].downs
         if not (self.recompute_full_resolution and isinstance(downs, nn.Sequential)):
@@ -84,9 +84,9 @@ class RenderingNet(nn.Module):
         layers.append(nn.Tanh())
         self.net = nn.Sequential(*layers)
         self.num_upsampling = num_upsampling
-        # When True (set by DeepVoxels), the layers working at the output's full resolution (the last
+        # When True (``performance.enable``), the layers working at the output's full resolution (the last
         # up block and the two convolutions after it) keep no activations and are recomputed in the
-        # backward pass (same values). At 512 px they hold ~0.4 GB per rendered view otherwise.
+        # backward pass (same values); they hold the largest activations of a rendered view.
         self.recompute_full_resolution = False
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -101,17 +101,12 @@ class RenderingNet(nn.Module):
 def _padded_conv3d(in_channels: int, out_channels: int, bias: bool, dropout: float = 0.0) -> nn.Sequential:
     """Replication pad 1 + 3^3 convolution (+ channel dropout). Layer indices match the original's keys."""
     layers: list[nn.Module] = [ReplicationPad3d(1),
-                               Conv3d(in_channels, out_channels, kernel_size=3, padding=0, bias=bias)]
+                               nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=0, bias=bias)]
     if dropout:
         # The original used Dropout2d on these 5-D volumes, which drops whole channels; Dropout3d does exactly
         # that without the deprecation warning current PyTorch gives for Dropout2d on 5-D input.
         layers.append(nn.Dropout3d(dropout))
     return nn.Sequential(*layers)
-
-
-def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in float32 if it is in a narrower float type (under autocast), else unchanged."""
-    return x.float() if x.is_floating_point() and x.element_size() < 4 else x
 
 
 class IntegrationNet(nn.Module):
@@ -151,10 +146,10 @@ class IntegrationNet(nn.Module):
         # Gates and the blend in float32 at least: under bf16 autocast, 1 - update would be rounded to steps
         # of 2^-8, and the persistent grid, blended anew at every step, would carry that error forward.
         # (A no-op in float32.)
-        reset = torch.sigmoid(_at_least_float32(self.reset_old_net(old) + self.reset_new_net(new)))
-        update = torch.sigmoid(_at_least_float32(self.update_old_net(old) + self.update_new_net(new)))
+        reset = torch.sigmoid(at_least_float32(self.reset_old_net(old) + self.reset_new_net(new)))
+        update = torch.sigmoid(at_least_float32(self.update_old_net(old) + self.update_new_net(new)))
         candidate = torch.relu(self.new_integration(new) + self.old_integration(reset * old))
-        return (1 - update) * old_state + update * _at_least_float32(candidate), update, reset
+        return (1 - update) * old_state + update * at_least_float32(candidate), update, reset
 
 
 class OcclusionNet(nn.Module):
@@ -211,12 +206,12 @@ class OcclusionNet(nn.Module):
         """``forward`` from ``with_depth_channel``'s volume (B, 1 + C, D, H, W)."""
         # Its own tensor (1 / (1 + C) of the volume), not the view volume[:, :1]: the depth product below is
         # saved for a backward pass that never runs when the loss ignores the depth map, and a view would keep
-        # the whole volume alive until the graph is freed (+0.2 GB at 512 px with --save_memory).
+        # the whole volume alive until the graph is freed.
         depth_coords = self._depth_channel(volume)
         prep = self.occlusion_prep(volume)
         feats = self.occlusion_net(prep)
         logits = self.softmax_net[0](torch.cat((prep, feats, depth_coords), dim=1))
         # The softmax over depth in float32 at least, as CUDA autocast runs it (CPU autocast would keep
         # bf16): the weights set the depth map and weigh every feature along the ray.
-        weights = self.softmax_net[1](_at_least_float32(logits))
+        weights = self.softmax_net[1](at_least_float32(logits))
         return weights, (depth_coords * weights).sum(dim=2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -112,6 +113,21 @@ class NovelViewTriplets(Dataset):
         for _ in range(self.num_trgt - 1):
             trgt_views.append(self.all_views[np.random.choice(len(self))])
         return trgt_views, nearest_view
+
+
+def in_order(dataset: Dataset, order: list[int], num_workers: int) -> Iterator:
+    """The dataset's items in ``order``, in this process or through ``num_workers`` DataLoader workers."""
+    if num_workers == 0:
+        for idx in order:
+            yield dataset[idx]
+        return
+    yield from torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, order), batch_size=None, shuffle=False,
+                                           num_workers=num_workers, worker_init_fn=_seed_worker)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # Forked workers would otherwise share one numpy state and draw identical "random" views.
+    np.random.seed(torch.initial_seed() % 2 ** 32)
 
 
 class TestDataset(Dataset):

@@ -12,12 +12,11 @@ from torch import nn
 from custom_layers import FeatureExtractor, IntegrationNet, OcclusionNet, RenderingNet, coordinate_volume
 from projection import lift_features, sample_frustum
 from pytorch_prototyping import Conv2dSame, Unet3d
-from pytorch_prototyping.memory import recompute_cheap_layers, recompute_in_backward
+from performance import recompute_cheap_layers, recompute_in_backward
 
 OCCNET_FEATURES = 4  # channels inside the occlusion net's 3D U-Net (original constant)
 INPAINTING_NUM_DOWN = 2  # levels of the 3D inpainting U-Net
 FRUSTUM_DEPTH_PER_VOXEL = 2  # depth planes per grid voxel: the view volume spans 2 * G planes
-CHEAP_RECOMPUTE_MIN_SIDELENGTH = 256  # image side from which cheap layers are recomputed by default
 
 
 class _WeightedMeanOverDepth(torch.autograd.Function):
@@ -25,8 +24,8 @@ class _WeightedMeanOverDepth(torch.autograd.Function):
 
     Autograd's own backward of the product form makes three (V, C, D, H, W) tensors (the expanded gradient
     over D, and a product for each input) where one suffices: the frustum's gradient. The weights' gradient,
-    ``sum over C of frustum * grad / D``, is reduced one depth plane at a time. At 512 px that is 128 MB less at
-    the training step's peak, which falls in this backward pass. Forward values are the product form's.
+    ``sum over C of frustum * grad / D``, is reduced one depth plane at a time. The training step's memory peak
+    falls in this backward pass. Forward values are the product form's.
     """
 
     @staticmethod
@@ -51,8 +50,8 @@ def visibility_weighted_mean(weights: torch.Tensor, frustum: torch.Tensor) -> to
     """``mean(weights * frustum, dim=2)``: weights (V, 1, D, H, W), frustum (V, C, D, H, W) -> (V, C, H, W).
 
     Without autograd the D planes are accumulated one at a time (in order k = 0..D-1, in float32 at least,
-    then divided by D) instead of forming the (V, C, D, H, W) product and reducing it along a strided axis:
-    at 512 px ~25x faster for a batch of test views, equal up to float rounding (~1e-7 in float32). With
+    then divided by D) instead of forming the (V, C, D, H, W) product and reducing it along a strided axis,
+    which is much faster for a batch of test views and equal up to float rounding. With
     autograd the product form is kept for the forward pass (its values are those of training), and the
     backward pass is ``_WeightedMeanOverDepth``'s, which needs less memory than autograd's own.
     """
@@ -126,28 +125,14 @@ class DeepVoxels(nn.Module):
 
         # Set by the last training forward for the summaries (the loop draws them, never forward).
         self.last_gates: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-        # Outputs of BatchNorm, ReLU, dropout and padding layers are made again in the backward pass instead
-        # of kept (``recompute_cheap_layers``): same values, ~1.2 GB less at 512 px for no measurable time.
-        # Small images save little and pay the hooks' Python overhead (+25% per step at 128 px), so by
-        # default it starts at 256 px; ``--save_memory`` turns it on at any size, torch.compile off.
-        self.recompute_cheap_by_default = img_sidelength >= CHEAP_RECOMPUTE_MIN_SIDELENGTH
-        self.save_memory(False)
+        # Memory savers, off here; ``performance.enable`` switches them (they change no value).
+        self.recompute_cheap_layers = False
+        self.recompute_view_volume = False
         # The 2D networks run channels-last (see FeatureExtractor); their convolution weights are stored so
-        # too, or every convolution and its backward would copy them into that layout (at 512 px ~8% of a
-        # training step, and 0.3 GB of peak memory). Values and state_dict are unchanged.
+        # too, or every convolution and its backward would copy them into that layout. Values and state_dict
+        # are unchanged.
         self.feature_extractor.to(memory_format=torch.channels_last)
         self.rendering_net.to(memory_format=torch.channels_last)
-
-    def save_memory(self, enabled: bool) -> None:
-        """The training-memory savers (``--save_memory``), none of which changes any value: cheap layers
-        are made again at every image size, and the full-resolution layers of the feature extractor and the
-        rendering net, and each view volume with its occlusion net, are run again in the backward pass
-        instead of keeping their activations. Costs one more forward pass of those layers (README,
-        Performance). Not combined with torch.compile, whose partitioner decides what the backward keeps."""
-        self.recompute_cheap_layers = enabled or self.recompute_cheap_by_default
-        self.recompute_view_volume = enabled
-        self.feature_extractor.recompute_full_resolution = enabled
-        self.rendering_net.recompute_full_resolution = enabled
 
     def integrate(self, input_img: torch.Tensor, lift_volume_idcs: torch.Tensor,
                   lift_img_coords: torch.Tensor) -> torch.Tensor:

@@ -209,13 +209,13 @@ def _scatter_weighted_corners(src: torch.Tensor, corner_idx: torch.Tensor, corne
     Gathering and scattering whole rows of B*C features (position-major) is several times faster than
     indexing each channel's row, in both directions of autograd, and the channels-last result is the
     layout the 3D convolutions that follow run in. The corners are gathered and summed one at a time, in
-    order k = 0..K-1: temporaries of (M, B*C) instead of (K, M, B*C), about 3x faster forward and
-    backward at 512 px than gathering all corners at once.
+    order k = 0..K-1: temporaries of (M, B*C) instead of (K, M, B*C), which is faster forward and backward
+    than gathering all corners at once.
     """
     b, c, n = src.shape
     k, m = corner_idx.shape
     # (N, B*C), made contiguous: a channels-first source gives a view with strides (1, N) here, which
-    # index_select gathers element by element (at 128 px ~40x slower than whole rows; the grid in test mode).
+    # index_select would gather element by element, far slower than whole rows (the grid in test mode is so).
     rows = src.permute(2, 0, 1).reshape(n, b * c).contiguous()
     weights = corner_w.to(src.dtype)
     # index_select, not rows[idx]: its backward (index_add_) is deterministic on CPU, whereas advanced
@@ -286,3 +286,37 @@ def sample_frustum(grid: torch.Tensor, lin: torch.Tensor, voxel_coords: torch.Te
     samples = _scatter_weighted_corners(grid.reshape(b, c, gz * gy * gx), torch.stack(idx), torch.stack(wts),
                                         lin, d * h * w, out)
     return samples.view(b, c, d, h, w)
+
+
+class IndexCache:
+    """Lifting and projection indices per pose, each computed once: a dataset's poses are fixed.
+
+    Poses are used in their own precision (float32 from the loaders; float64 for a float64 run), on the
+    geometry's device. A pose that sees nothing raises EmptyFrustumError every time it is asked for.
+    """
+
+    def __init__(self, geometry: ProjectionHelper, device: torch.device):
+        self.geometry, self.device = geometry, device
+        self._lift: dict[tuple, object] = {}
+        self._proj: dict[tuple, object] = {}
+
+    def _get(self, table: dict, fn: Callable, pose: torch.Tensor):
+        pose = pose.reshape(4, 4)
+        key = (pose.dtype, pose.detach().cpu().numpy().tobytes())
+        if key not in table:
+            try:
+                table[key] = fn(pose.to(self.device))
+            except EmptyFrustumError as err:
+                table[key] = err
+        value = table[key]
+        if isinstance(value, EmptyFrustumError):
+            raise value
+        return value
+
+    def lift(self, cam2world: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``ProjectionHelper.lifting_indices`` of ``cam2world`` (4, 4)."""
+        return self._get(self._lift, self.geometry.lifting_indices, cam2world)
+
+    def project(self, cam2world: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``ProjectionHelper.projection_indices`` of ``cam2world`` (4, 4)."""
+        return self._get(self._proj, self.geometry.projection_indices, cam2world)

@@ -5,14 +5,13 @@ names here are chosen so that the state_dict keys of the assembled model equal t
 checkpoints written by the original load with ``strict=True``.
 """
 from pytorch_prototyping.blocks import (
+    at_least_float32,
     autocast_off,
     Conv2dSame,
-    Conv3d,
     Conv3dSame,
     DownBlock,
     DownBlock3D,
     DownsamplingNet,
-    Identity,
     ReflectionPad2d,
     ReplicationPad3d,
     Unet,
@@ -25,7 +24,7 @@ from pytorch_prototyping.blocks import (
 )
 
 __all__ = [
-    "autocast_off", "Conv2dSame", "Conv3d", "Conv3dSame", "DownBlock", "DownBlock3D", "DownsamplingNet", "Identity",
+    "at_least_float32", "autocast_off", "Conv2dSame", "Conv3dSame", "DownBlock", "DownBlock3D", "DownsamplingNet",
     "ReflectionPad2d", "ReplicationPad3d", "Unet", "Unet3d",
     "UnetSkipConnectionBlock", "UnetSkipConnectionBlock3d", "UpBlock", "UpBlock3D", "UpsamplingNet",
 ]

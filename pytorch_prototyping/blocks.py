@@ -18,10 +18,11 @@ from torch import nn
 
 LEAKY_SLOPE = 0.2  # negative slope of every LeakyReLU in the down paths
 POST_CONV_DROPOUT = 0.1  # the original hard-codes this probability after an UpBlock's second convolution
-# ATen runs a CPU convolution through oneDNN only when batch * channels * (first spatial extent) * (second
-# spatial extent) exceeds this (aten/src/ATen/native/Convolution.cpp, ``use_mkldnn``), or for kernels wider
-# than 3, or batches above 1. Below it a 3D convolution takes the im2col "slow_conv3d" path, 3-4x slower.
-ONEDNN_MIN_SIZE = 20480
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 if it is in a narrower float type (under autocast), else unchanged (float64 stays)."""
+    return x.float() if x.is_floating_point() and x.element_size() < 4 else x
 
 
 def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
@@ -80,50 +81,6 @@ class Conv2dSame(nn.Module):
         return self.net(x)
 
 
-def _onednn_axis_order(x: torch.Tensor) -> tuple[int, int, int]:
-    """Spatial axes (2, 3, 4 of a 5-D tensor) reordered so that the two largest come first."""
-    return tuple(sorted((2, 3, 4), key=lambda axis: -x.shape[axis]))  # sorted() is stable: ties keep order
-
-
-class Conv3d(nn.Conv3d):
-    """``nn.Conv3d`` that runs on CPU through oneDNN in the channels-last (N, D, H, W, C) layout.
-
-    Same parameters, state_dict keys and result (up to float rounding) as ``nn.Conv3d``. Two things make it
-    2-5x faster than the plain module for the DeepVoxels volumes:
-
-    * For a batch of one with a 3^3 kernel, ATen picks its kernel from the first two spatial extents only
-      (``ONEDNN_MIN_SIZE``), and the view volumes (C, 2G+2, 66, 66) with C <= 9 fall just below it, onto
-      the im2col ``slow_conv3d``. A convolution does not depend on the order of the spatial axes, so the
-      input and the kernel are permuted together (largest extents first) and the output permuted back; when
-      that is not enough, one all-zero input channel (and zero kernel slice) is appended, adding 0 to sums.
-    * oneDNN's kernels for few channels are about twice as fast in channels-last as in (N, C, D, H, W),
-      which it would otherwise reorder to 16-channel blocks. The output stays channels-last, so the norms,
-      activations and pads after it (which keep the layout) feed the next convolution without a copy.
-    """
-
-    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dim() != 5 or self.padding_mode != "zeros" or self.groups != 1 \
-                or isinstance(self.padding, str):
-            return super()._conv_forward(x, weight, bias)
-        order = (2, 3, 4)
-        if x.shape[0] == 1 and max(self.kernel_size) <= 3:
-            order = _onednn_axis_order(x)
-            plane = x.shape[0] * x.shape[order[0]] * x.shape[order[1]]
-            if x.shape[1] * plane <= ONEDNN_MIN_SIZE:
-                extra = ONEDNN_MIN_SIZE // plane + 1 - x.shape[1]
-                if extra > x.shape[1]:  # would more than double the work: the slow kernel is cheaper
-                    return super()._conv_forward(x, weight, bias)
-                x = torch.cat([x, x.new_zeros(x.shape[0], extra, *x.shape[2:])], dim=1)
-                weight = torch.cat([weight, weight.new_zeros(weight.shape[0], extra, *weight.shape[2:])], dim=1)
-        axes = (0, 1, *order)
-        spatial = [axis - 2 for axis in order]
-        out = nn.functional.conv3d(x.permute(axes).contiguous(memory_format=torch.channels_last_3d),
-                                   weight.permute(axes), bias, [self.stride[i] for i in spatial],
-                                   [self.padding[i] for i in spatial], [self.dilation[i] for i in spatial], 1)
-        back = [2 + order.index(axis) for axis in (2, 3, 4)]
-        return out.permute(0, 1, *back).contiguous(memory_format=torch.channels_last_3d)
-
-
 class Conv3dSame(nn.Module):
     """Stride-1 3D convolution with replication padding so that D, H and W are unchanged."""
 
@@ -133,7 +90,7 @@ class Conv3dSame(nn.Module):
         before, after = _same_padding(kernel_size)
         self.net = nn.Sequential(
             padding_layer((before, after, before, after, before, after)),
-            Conv3d(in_channels, out_channels, kernel_size, bias=bias, stride=1),
+            nn.Conv3d(in_channels, out_channels, kernel_size, bias=bias, stride=1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -370,13 +327,6 @@ class Unet(nn.Module):
         return self.out_layer(self.unet_block(self.in_layer(x)))
 
 
-class Identity(nn.Module):
-    """Stands in for an empty DownsamplingNet / UpsamplingNet."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
 class DownsamplingNet(nn.Module):
     """``len(per_layer_out_ch)`` DownBlocks, each halving H and W; identity when the list is empty."""
 
@@ -384,7 +334,7 @@ class DownsamplingNet(nn.Module):
                  dropout_prob: float = 0.1, norm: Optional[Type[nn.Module]] = nn.BatchNorm2d):
         super().__init__()
         if not per_layer_out_ch:
-            self.downs: nn.Module = Identity()
+            self.downs: nn.Module = nn.Identity()
             return
         blocks = [DownBlock(in_channels, per_layer_out_ch[0], use_dropout=use_dropout, dropout_prob=dropout_prob,
                             middle_channels=per_layer_out_ch[0], norm=norm)]
@@ -403,7 +353,7 @@ class UpsamplingNet(nn.Module):
                  use_dropout: bool, dropout_prob: float = 0.1, norm: Optional[Type[nn.Module]] = nn.BatchNorm2d):
         super().__init__()
         if not per_layer_out_ch:
-            self.ups: nn.Module = Identity()
+            self.ups: nn.Module = nn.Identity()
             return
         channels = [in_channels, *per_layer_out_ch]
         self.ups = nn.Sequential(*[

@@ -1,21 +1,33 @@
-"""Training-memory savers that leave every computed value unchanged.
+"""Fast paths for training and rendering that leave every computed value as it is, behind one switchboard.
 
-``recompute_cheap_layers``: after each convolution the networks run a chain of cheap elementwise layers
-(BatchNorm, ReLU, channel dropout, padding) whose outputs autograd keeps for the backward pass although
-they are quick functions of the convolution's output, which BatchNorm keeps anyway. Inside the context
-such an output is saved as a recipe instead (the layer and its input, itself a recipe or a kept tensor)
-and made again when the backward pass needs it, bit for bit what the forward pass made. A reflection or
-replication pad's backward reads only the shape of its input, so for it nothing is kept or made again. At
-the paper's 512 px setting this keeps about 1.2 GB less per training step, at no measurable cost in time.
+The method's code runs without any of them. ``choose`` picks the ones that pay on the device at hand and
+``enable`` switches them on a model; the training script calls both once. Each is a field of ``FastPaths``,
+so a test can run the same step with any of them off:
 
-``recompute_in_backward``: activation checkpointing for layers with BatchNorm and dropout: the
-recomputation draws the same dropout masks and leaves the running statistics updated once.
+* ``recompute_cheap_layers``: outputs of BatchNorm, ReLU, dropout and padding layers are saved for the
+  backward pass as recipes (the layer and its input) and made again there, bit for bit (see below).
+* ``recompute_full_resolution`` and ``recompute_view_volume`` (``--save_memory``): the layers working at the
+  image's full resolution, and each view volume with its occlusion net, keep no activations and run again in
+  the backward pass (activation checkpointing that keeps dropout masks and BatchNorm statistics).
+* ``step_in_backward``: each generator parameter is stepped by its optimizer as soon as its gradient is
+  complete, and the gradient freed, so the generator's gradients never exist all at once.
+* ``fused_adam``: Adam in one fused kernel instead of per-parameter loops (same update up to rounding).
+* ``onednn_conv3d``: 3^3 convolutions on the CPU run through oneDNN in the channels-last layout, with the
+  spatial axes reordered, and padded with zero channels where ATen would otherwise pick its slow im2col
+  kernel (``OneDNNConv3d``).
+
+How cheap-layer recompute works: after each convolution the networks run a chain of cheap elementwise layers
+whose outputs autograd keeps, although they are quick functions of the convolution's output, which BatchNorm
+keeps anyway. Inside ``recompute_cheap_layers`` such an output is saved as a recipe instead (the layer and its
+input, itself a recipe or a kept tensor) and made again when the backward pass needs it. A reflection or
+replication pad's backward reads only the shape of its input, so for it nothing is kept or made again.
 """
 from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Any, Callable, Iterator, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -297,3 +309,139 @@ def recompute_in_backward(fn: Callable, *args: torch.Tensor, modules: Optional[n
         modules = fn
     from torch.utils.checkpoint import checkpoint
     return checkpoint(_RunOnceThenRecompute(fn, modules), *args, use_reentrant=False, preserve_rng_state=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The switchboard
+
+# Cheap-layer recompute saves little on small images and costs Python work in its hooks per layer, so on a
+# CPU it starts at this image side (docs/performance.md has the measurements that set it).
+CHEAP_RECOMPUTE_MIN_SIDELENGTH = 256
+
+
+@dataclass
+class FastPaths:
+    recompute_cheap_layers: bool = False
+    recompute_full_resolution: bool = False
+    recompute_view_volume: bool = False
+    step_in_backward: bool = False
+    fused_adam: bool = False
+    onednn_conv3d: bool = False
+
+
+def choose(device: torch.device, img_sidelength: int, save_memory: bool = False, distributed: bool = False,
+           loss_scaling: bool = False, compiled: bool = False) -> FastPaths:
+    """The fast paths for a run. On a GPU the savers' Python work per layer and per parameter is not hidden
+    behind the arithmetic as on a CPU, so there they come only with ``--save_memory``. The parameter-wise
+    step cannot run under DDP (which all-reduces gradients after the hooks) nor with fp16's loss scaler
+    (which must see every gradient first); under torch.compile the compiler decides what is kept."""
+    cpu = device.type == "cpu"
+    return FastPaths(
+        recompute_cheap_layers=not compiled and (save_memory or (cpu and img_sidelength >= CHEAP_RECOMPUTE_MIN_SIDELENGTH)),
+        recompute_full_resolution=save_memory and not compiled,
+        recompute_view_volume=save_memory and not compiled,
+        step_in_backward=not distributed and not loss_scaling and (cpu or save_memory),
+        fused_adam=device.type in ("cpu", "cuda"),
+        onednn_conv3d=cpu,
+    )
+
+
+def enable(model: nn.Module, paths: FastPaths) -> None:
+    """Switch ``paths`` on a DeepVoxels model (and the others off). Parameters and state_dict are unchanged."""
+    model.recompute_cheap_layers = paths.recompute_cheap_layers
+    model.recompute_view_volume = paths.recompute_view_volume
+    model.feature_extractor.recompute_full_resolution = paths.recompute_full_resolution
+    model.rendering_net.recompute_full_resolution = paths.recompute_full_resolution
+    for module in model.modules():
+        if type(module) in (nn.Conv3d, OneDNNConv3d) and module.kernel_size == (3, 3, 3):
+            module.__class__ = OneDNNConv3d if paths.onednn_conv3d else nn.Conv3d
+
+
+def compile_networks(model: nn.Module, discriminator: Optional[nn.Module] = None) -> None:
+    """torch.compile the convolutional networks in place (state_dict keys unchanged). Use with the savers
+    off (``choose(compiled=True)``): their hooks would break the compiled graphs."""
+    names = ("feature_extractor", "rendering_net", "occlusion_net", "depth_collapse_net", "inpainting_net",
+             "integration_net")
+    for net in [getattr(model, n) for n in names if hasattr(model, n)] + [discriminator]:
+        if net is not None:
+            net.compile()
+
+
+def adam(params: Iterable[nn.Parameter], lr: float, paths: FastPaths) -> torch.optim.Adam:
+    """``torch.optim.Adam`` with its defaults (the original's optimizer), fused when ``paths`` says so."""
+    return torch.optim.Adam(params, lr=lr, fused=True) if paths.fused_adam else torch.optim.Adam(params, lr=lr)
+
+
+class GeneratorStepInBackward:
+    """Used as ``with stepper: loss.backward()``: while armed, each parameter is stepped by ``optimizer`` as
+    soon as its gradient is complete, and its gradient freed. The update is the same as one step after the
+    backward pass, parameter by parameter. Inert (the caller steps after the backward) unless ``enabled``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], enabled: bool):
+        self.optimizer, self.enabled, self._armed = optimizer, enabled, False
+        if enabled:
+            for param in params:
+                param.register_post_accumulate_grad_hook(self._ready)
+
+    def _ready(self, param: nn.Parameter) -> None:
+        if self._armed:
+            # Every other gradient of the optimizer is None here (freed after its step, or not yet computed),
+            # so the step updates this parameter alone.
+            self.optimizer.step()
+            param.grad = None
+
+    def __enter__(self) -> "GeneratorStepInBackward":
+        self._armed = self.enabled
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._armed = False
+
+
+# ATen runs a CPU convolution through oneDNN only when batch * channels * (first spatial extent) * (second
+# spatial extent) exceeds this (``use_mkldnn`` in aten/src/ATen/native/Convolution.cpp), or for kernels wider
+# than 3, or batches above 1. Below it a 3D convolution takes the im2col ``slow_conv3d`` path. A test checks
+# which kernel runs on either side of it, so a change in PyTorch shows up there.
+ONEDNN_MIN_SIZE = 20480
+
+
+def _largest_axes_first(x: torch.Tensor) -> tuple[int, int, int]:
+    """Spatial axes (2, 3, 4 of a 5-D tensor) reordered so that the two largest come first."""
+    return tuple(sorted((2, 3, 4), key=lambda axis: -x.shape[axis]))  # sorted() is stable: ties keep order
+
+
+class OneDNNConv3d(nn.Conv3d):
+    """``nn.Conv3d`` that runs on CPU through oneDNN in the channels-last (N, D, H, W, C) layout; the same
+    parameters and result up to float rounding.
+
+    * For a batch of one with a 3^3 kernel, ATen picks its kernel from the first two spatial extents only
+      (``ONEDNN_MIN_SIZE``), and the view volumes with few channels fall below it. A convolution does not
+      depend on the order of the spatial axes, so input and kernel are permuted together (largest extents
+      first) and the output permuted back; when that is not enough, all-zero input channels (and zero kernel
+      slices) are appended, which add 0 to every sum.
+    * oneDNN's kernels for few channels are faster in channels-last than in (N, C, D, H, W), which it would
+      otherwise reorder to blocked channels. The output stays channels-last, so the norms, activations and
+      pads after it feed the next convolution without a copy.
+    """
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dim() != 5 or self.padding_mode != "zeros" or self.groups != 1 \
+                or isinstance(self.padding, str):
+            return super()._conv_forward(x, weight, bias)
+        order = (2, 3, 4)
+        if x.shape[0] == 1 and max(self.kernel_size) <= 3:
+            order = _largest_axes_first(x)
+            plane = x.shape[0] * x.shape[order[0]] * x.shape[order[1]]
+            if x.shape[1] * plane <= ONEDNN_MIN_SIZE:
+                extra = ONEDNN_MIN_SIZE // plane + 1 - x.shape[1]
+                if extra > x.shape[1]:  # would more than double the work: the slow kernel is cheaper
+                    return super()._conv_forward(x, weight, bias)
+                x = torch.cat([x, x.new_zeros(x.shape[0], extra, *x.shape[2:])], dim=1)
+                weight = torch.cat([weight, weight.new_zeros(weight.shape[0], extra, *weight.shape[2:])], dim=1)
+        axes = (0, 1, *order)
+        spatial = [axis - 2 for axis in order]
+        out = nn.functional.conv3d(x.permute(axes).contiguous(memory_format=torch.channels_last_3d),
+                                   weight.permute(axes), bias, [self.stride[i] for i in spatial],
+                                   [self.padding[i] for i in spatial], [self.dilation[i] for i in spatial], 1)
+        back = [2 + order.index(axis) for axis in (2, 3, 4)]
+        return out.permute(0, 1, *back).contiguous(memory_format=torch.channels_last_3d)

@@ -1,5 +1,7 @@
-"""Memory savers must not change a single computed value: gradients are compared bit for bit."""
+"""The fast paths (performance.py) must not change a single computed value: gradients are compared bit for bit;
+and the CPU kernel they steer to is the one that runs."""
 import contextlib
+import dataclasses
 import math
 
 import numpy as np
@@ -11,7 +13,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 import data_util
 from deep_voxels import DeepVoxels
 from projection import ProjectionHelper
-from pytorch_prototyping import memory
+import performance
+from performance import FastPaths
 
 SIDE, GRID, MAP = 128, 16, 64
 FOCAL = 109.375 * 2  # 128 px images; the 64 px feature maps use half of it
@@ -37,8 +40,8 @@ def _train_step_grads(cheap: bool, heavy: bool, device: torch.device) -> tuple[d
     model = DeepVoxels(SIDE, [MAP, MAP], [MAP, MAP], [GRID] * 3, num_grid_feats=8, nf0=8)
     model.deepvoxels.normal_(0.0, 0.1)
     model.to(device).train()
-    model.save_memory(heavy)
-    model.recompute_cheap_layers = cheap  # by default off at this small size
+    performance.enable(model, FastPaths(recompute_cheap_layers=cheap, recompute_full_resolution=heavy,
+                                        recompute_view_volume=heavy))
     geometry = _geometry(device)
     image = (torch.rand(1, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(1)) - 0.5).to(device)
     lift = geometry.lifting_indices(_pose(0.0).to(device))
@@ -56,7 +59,7 @@ def _train_step_grads(cheap: bool, heavy: bool, device: torch.device) -> tuple[d
 @pytest.mark.parametrize("heavy", [False, True], ids=["cheap_layers", "with_save_memory"])
 def test_memory_savers_leave_gradients_and_buffers_bit_identical(monkeypatch, heavy, device):
     remade, runs = [], []
-    make, run = memory._Recipe.make, memory._RunOnceThenRecompute.__call__
+    make, run = performance._Recipe.make, performance._RunOnceThenRecompute.__call__
 
     def counting_make(self):
         remade.append(type(self.layer))
@@ -66,8 +69,8 @@ def test_memory_savers_leave_gradients_and_buffers_bit_identical(monkeypatch, he
         runs.append(self.calls)
         return run(self, x)
 
-    monkeypatch.setattr(memory._Recipe, "make", counting_make)
-    monkeypatch.setattr(memory._RunOnceThenRecompute, "__call__", counting_run)
+    monkeypatch.setattr(performance._Recipe, "make", counting_make)
+    monkeypatch.setattr(performance._RunOnceThenRecompute, "__call__", counting_run)
     grads_on, buffers_on = _train_step_grads(cheap=True, heavy=heavy, device=device)
     kinds = {nn.ReflectionPad2d, nn.ReplicationPad3d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.LeakyReLU,
              nn.Dropout2d}
@@ -111,10 +114,10 @@ def test_cheap_layer_outputs_are_freed_and_made_again_exactly(monkeypatch, amp, 
         return torch.full(self.size, float("nan"), dtype=self.dtype, device=self.device).as_strided(
             self.size, self.stride)
 
-    monkeypatch.setattr(memory._ShapeOnly, "tensor", poisoned)
+    monkeypatch.setattr(performance._ShapeOnly, "tensor", poisoned)
     made = []
-    make = memory._Recipe._make
-    monkeypatch.setattr(memory._Recipe, "_make", lambda self: made.append(type(self.layer).__name__) or make(self))
+    make = performance._Recipe._make
+    monkeypatch.setattr(performance._Recipe, "_make", lambda self: made.append(type(self.layer).__name__) or make(self))
     nets = {recompute: _conv_chain().to(device) for recompute in (False, True)}
     watched = _watch_outputs(nets[True])
     x = torch.randn(2, 2, 8, 8).to(device)
@@ -122,7 +125,7 @@ def test_cheap_layer_outputs_are_freed_and_made_again_exactly(monkeypatch, amp, 
     for recompute, net in nets.items():
         inp = x.clone().requires_grad_()
         torch.manual_seed(5)  # the same channel dropout mask
-        saver = memory.recompute_cheap_layers(net) if recompute else contextlib.nullcontext()
+        saver = performance.recompute_cheap_layers(net) if recompute else contextlib.nullcontext()
         with saver, torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = net(inp)
         torch.manual_seed(6)  # the backward pass must not depend on the generator's state
@@ -146,7 +149,7 @@ def test_cheap_layer_outputs_are_freed_and_made_again_exactly(monkeypatch, amp, 
 def test_kept_input_changed_in_place_is_an_error():
     net = _conv_chain()
     x = torch.randn(2, 2, 8, 8, requires_grad=True)
-    with memory.recompute_cheap_layers(net):
+    with performance.recompute_cheap_layers(net):
         hidden = net[0](x)
         out = net[1:](hidden)
     with torch.no_grad():
@@ -157,7 +160,7 @@ def test_kept_input_changed_in_place_is_an_error():
 
 def test_parameters_changed_before_backward_are_an_error():
     net = _conv_chain()
-    with memory.recompute_cheap_layers(net):
+    with performance.recompute_cheap_layers(net):
         out = net(torch.randn(2, 2, 8, 8, requires_grad=True))
     with torch.no_grad():
         net[1].weight.add_(1.0)  # the BatchNorm whose output the last convolution needs
@@ -167,34 +170,37 @@ def test_parameters_changed_before_backward_are_an_error():
 
 def test_recompute_is_inert_without_gradients():
     net = _conv_chain()
-    with torch.no_grad(), memory.recompute_cheap_layers(net):
+    with torch.no_grad(), performance.recompute_cheap_layers(net):
         out = net(torch.randn(2, 2, 8, 8))
     assert out.grad_fn is None
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
 
 
-def _trainer_after_steps(step_in_backward: bool, device: torch.device, steps: int = 2, lazy_state: bool = False):
+def _training_after_steps(step_in_backward: bool, device: torch.device, steps: int = 2, **paths):
+    """Two training steps of a small model through ``run_deepvoxels.train_step`` with the default fast paths,
+    except as given."""
+    import options
     import run_deepvoxels
     argv = ["--train_test", "train", "--data_root", "unused", "--logging_root", "unused", "--img_sidelength",
             str(SIDE), "--grid_dim", str(GRID), "--num_grid_feats", "8", "--nf0", "8", "--lr", "1e-3"]
-    opt = run_deepvoxels.parse_args(argv)
+    opt = options.parse_args(argv)
     torch.manual_seed(0)
-    trainer = run_deepvoxels.Trainer(opt, device)
-    assert trainer.step_in_backward == (device.type == "cpu")  # single process, no fp16 scaler
-    trainer.step_in_backward = step_in_backward
-    if lazy_state:  # as Adam has it without create_adam_state: made inside the first step
-        trainer.optimizer_g.state.clear()
-        trainer.optimizer_d.state.clear()
-    trainer.train_mode()
+    model, discriminator = run_deepvoxels.build_networks(opt, device)
+    chosen = performance.choose(device, SIDE)
+    assert chosen.step_in_backward == (device.type == "cpu")  # single process, no fp16 scaler
+    chosen = dataclasses.replace(chosen, step_in_backward=step_in_backward, **paths)
+    training = run_deepvoxels.build_training(opt, device, model, discriminator, paths=chosen)
+    model.train()
+    discriminator.train()
     geometry = _geometry(device)
     gen = torch.Generator().manual_seed(1)
     images = [(torch.rand(1, 3, SIDE, SIDE, generator=gen) - 0.5).to(device) for _ in range(3)]
     poses = [_pose(a).to(device) for a in (0.0, 40.0, 80.0)]
     torch.manual_seed(2)
     for _ in range(steps):
-        trainer.step(images[0], geometry.lifting_indices(poses[0]),
-                     [geometry.projection_indices(p) for p in poses[1:]], images[1:])
-    return trainer
+        run_deepvoxels.train_step(training, images[0], geometry.lifting_indices(poses[0]),
+                                  [geometry.projection_indices(p) for p in poses[1:]], images[1:])
+    return training
 
 
 def _assert_same_training_state(a, b) -> None:
@@ -216,110 +222,67 @@ def _assert_same_training_state(a, b) -> None:
 
 
 def test_generator_step_in_backward_matches_one_step_after_backward(device):
-    _assert_same_training_state(_trainer_after_steps(True, device), _trainer_after_steps(False, device))
+    _assert_same_training_state(_training_after_steps(True, device), _training_after_steps(False, device))
 
 
-def test_pool_allocator_leaves_training_bit_identical():
-    """Two training steps with the budgeted CPU pool (cpu_allocator.py, the CPU default) and with the system
-    allocator: the same parameters, buffers and optimizer state, bit for bit."""
-    import cpu_allocator
-    if cpu_allocator.find_compiler() is None:
-        pytest.skip("no C++ compiler: the pool cannot be built here")
-    cpu = torch.device("cpu")
-    with cpu_allocator.cpu_pool(True) as used:
-        assert used
-        pooled = _trainer_after_steps(True, cpu)
-        assert cpu_allocator.stats().hits > 0
-    _assert_same_training_state(pooled, _trainer_after_steps(True, cpu))
+def test_fast_path_defaults_by_device():
+    """CPU: cheap recompute from 256 px, the generator stepped in its backward pass, oneDNN 3D convolutions;
+    a GPU: the savers only with --save_memory; torchrun and fp16's loss scaler: no parameter-wise step."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    for side, cheap in ((128, False), (256, True), (512, True)):
+        assert performance.choose(cpu, side).recompute_cheap_layers is cheap, side
+        assert performance.choose(gpu, side).recompute_cheap_layers is False, side
+    for device in (cpu, gpu):
+        plain, saving = performance.choose(device, 512), performance.choose(device, 512, save_memory=True)
+        assert saving.recompute_cheap_layers and saving.recompute_full_resolution and saving.recompute_view_volume
+        assert not plain.recompute_full_resolution and not plain.recompute_view_volume
+        assert plain.step_in_backward is (device.type == "cpu") and saving.step_in_backward
+        assert not performance.choose(device, 512, save_memory=True, distributed=True).step_in_backward
+        assert not performance.choose(device, 512, save_memory=True, loss_scaling=True).step_in_backward
+        assert plain.fused_adam
+    assert performance.choose(cpu, 512).onednn_conv3d and not performance.choose(gpu, 512).onednn_conv3d
+    compiled = performance.choose(cpu, 512, save_memory=True, compiled=True)
+    assert not (compiled.recompute_cheap_layers or compiled.recompute_full_resolution or compiled.recompute_view_volume)
 
 
-def test_adam_state_created_up_front_is_the_lazy_state():
-    """On CPU the Trainer has Adam create its state before the first step (create_adam_state); training
-    must be the same, bit for bit, as with the state made inside the first step."""
-    cpu = torch.device("cpu")
-    import run_deepvoxels
-    opt = run_deepvoxels.parse_args(["--train_test", "train", "--data_root", "unused", "--logging_root",
-                                     "unused", "--img_sidelength", "128", "--grid_dim", "8", "--num_grid_feats",
-                                     "4", "--nf0", "4"])
+def test_enable_swaps_only_the_3x3x3_convolutions_and_keeps_the_state_dict():
     torch.manual_seed(0)
-    fresh = run_deepvoxels.Trainer(opt, cpu)
+    model = DeepVoxels(SIDE, [MAP, MAP], [MAP, MAP], [GRID] * 3, num_grid_feats=8, nf0=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv3d) and not isinstance(m, nn.ConvTranspose3d)]
+    performance.enable(model, FastPaths(onednn_conv3d=True))
+    assert {type(m) for m in convs if m.kernel_size == (3, 3, 3)} == {performance.OneDNNConv3d}
+    assert {type(m) for m in convs if m.kernel_size != (3, 3, 3)} == {nn.Conv3d}  # the stride-2 4^3 ones
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    performance.enable(model, FastPaths())
+    assert {type(m) for m in convs} == {nn.Conv3d}
+
+
+def _kernels_run(conv: nn.Module, x: torch.Tensor) -> set:
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof, torch.no_grad():
+        conv(x)
+    return {event.key for event in prof.key_averages()}
+
+
+@pytest.mark.parametrize("channels,expect_slow", [(5, True), (6, False)], ids=["at", "above"])
+def test_onednn_threshold_is_where_aten_switches_kernels(channels, expect_slow):
+    """``performance.ONEDNN_MIN_SIZE`` copies a threshold from inside ATen. On a (1, C, 64, 64, 20) volume
+    batch * C * 64 * 64 equals it for C = 5 and exceeds it for C = 6: plain nn.Conv3d must run the im2col kernel
+    at it and oneDNN above, and OneDNNConv3d must run oneDNN on both sides, with the same result."""
+    assert 5 * 64 * 64 == performance.ONEDNN_MIN_SIZE
     torch.manual_seed(0)
-    untouched = run_deepvoxels.build_model(opt)
-    for (name, p), q in zip(fresh.model.named_parameters(), untouched.parameters()):
-        assert torch.equal(p, q), name  # the zero-gradient steps at learning rate 0 moved nothing
-        state = fresh.optimizer_g.state[p]
-        assert state["step"].item() == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
-    assert all(group["lr"] == opt.lr for group in fresh.optimizer_g.param_groups)
-    for steps in (1, 2):
-        _assert_same_training_state(_trainer_after_steps(True, cpu, steps),
-                                    _trainer_after_steps(True, cpu, steps, lazy_state=True))
-    # State that exists already (a resumed or stepped optimizer) is left exactly as it is.
-    stepped = _trainer_after_steps(True, cpu, 1)
-    before = {k: {f: v.clone() for f, v in per.items()}
-              for k, per in stepped.optimizer_g.state_dict()["state"].items()}
-    run_deepvoxels.create_adam_state(stepped.optimizer_g)
-    after = stepped.optimizer_g.state_dict()["state"]
-    assert before.keys() == after.keys()
-    assert all(torch.equal(v, after[k][f]) for k, per in before.items() for f, v in per.items())
-
-
-def test_cheap_layers_are_recomputed_by_default_from_256_px_and_always_with_save_memory():
-    for side, default in ((128, False), (256, True), (512, True)):
-        model = DeepVoxels(side, [MAP, MAP], [MAP, MAP], [GRID] * 3, num_grid_feats=8, nf0=8)
-        assert model.recompute_cheap_layers is default, side
-        model.save_memory(True)
-        assert model.recompute_cheap_layers and model.recompute_view_volume
-        model.save_memory(False)
-        assert model.recompute_cheap_layers is default and not model.recompute_view_volume
-
-
-@pytest.mark.parametrize("device_type", ["cpu", "meta"])
-def test_memory_saver_defaults_by_device(device_type):
-    """CPU: cheap recompute from 256 px and the generator stepped in its backward pass; elsewhere (a GPU;
-    meta stands in for one) both only with --save_memory."""
-    import run_deepvoxels
-    for side, flags in ((128, []), (512, []), (512, ["--save_memory"])):
-        opt = run_deepvoxels.parse_args(["--train_test", "train", "--data_root", "unused", "--logging_root",
-                                         "unused", "--img_sidelength", str(side), "--grid_dim", "8",
-                                         "--num_grid_feats", "4", "--nf0", "4", *flags])
-        with torch.device("meta") if device_type == "meta" else contextlib.nullcontext():
-            trainer = run_deepvoxels.Trainer(opt, torch.device(device_type))
-        save = bool(flags)
-        cpu = device_type == "cpu"
-        assert trainer.model.recompute_cheap_layers is (save or (cpu and side >= 256)), (side, flags)
-        assert trainer.step_in_backward is (save or cpu), (side, flags)
-        assert trainer.model.recompute_view_volume is save
-
-
-def test_freed_blocks_go_back_to_the_os_after_mallopt():
-    """In a fresh process (the setting is process-wide): a freed 4 MiB block stays resident in glibc's
-    heap once the threshold has adapted upwards, and is returned after ``return_freed_blocks_to_os``."""
-    import subprocess
-    import sys
-    code = """
-import ctypes, sys
-import util
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype = ctypes.c_void_p
-libc.free.argtypes = [ctypes.c_void_p]
-def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096
-def resident_after_free(size):
-    block = libc.malloc(size)
-    ctypes.memset(block, 1, size)
-    before = rss()
-    libc.free(block)
-    return before - rss() < size // 2
-libc.free(libc.malloc(16 << 20))  # freeing a mapped 16 MiB block raises glibc's threshold above 4 MiB
-first = resident_after_free(4 << 20)
-ok = util.return_freed_blocks_to_os()
-print(first, ok, resident_after_free(4 << 20))
-"""
-    if not sys.platform.startswith("linux"):
-        pytest.skip("glibc only")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1])).stdout.split()
-    assert out == ["True", "True", "False"]
+    plain = nn.Conv3d(channels, 3, 3)
+    fast = performance.OneDNNConv3d(channels, 3, 3)
+    fast.load_state_dict(plain.state_dict())
+    x = torch.randn(1, channels, 64, 64, 20)  # (D, H, W): the first two spatial extents are 64 and 64
+    plain_kernels, fast_kernels = _kernels_run(plain, x), _kernels_run(fast, x)
+    assert ("aten::slow_conv3d_forward" in plain_kernels) is expect_slow, plain_kernels
+    assert ("aten::mkldnn_convolution" in plain_kernels) is not expect_slow, plain_kernels
+    assert "aten::mkldnn_convolution" in fast_kernels and "aten::slow_conv3d_forward" not in fast_kernels
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
 
 
 def test_2d_convolution_weights_are_stored_channels_last():
@@ -349,6 +312,7 @@ def test_training_view_volume_is_kept_once_and_channels_last(monkeypatch):
     import deep_voxels
     torch.manual_seed(0)
     model = DeepVoxels(SIDE, [MAP, MAP], [MAP, MAP], [GRID] * 3, num_grid_feats=8, nf0=8).train()
+    performance.enable(model, performance.choose(torch.device("cpu"), SIDE))
     seen = {"volumes": [], "frusta": [], "conv_inputs": []}
     weigh = model.occlusion_net.weigh
     monkeypatch.setattr(model.occlusion_net, "weigh", lambda v: (seen["volumes"].append(v), weigh(v))[1])
