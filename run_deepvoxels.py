@@ -248,6 +248,13 @@ def compile_networks(model: DeepVoxels, discriminator: Optional[nn.Module] = Non
         discriminator.compile()
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` widened to float32 when autocast made it narrower (bf16/fp16); float32 and float64 unchanged, so
+    that a float64 step stays float64 (``.float()`` would round D's output and the L1 input, and with them
+    every gradient, to float32)."""
+    return x.float() if x.is_floating_point() and x.element_size() < 4 else x
+
+
 def autocast(opt: Any, device: torch.device):
     if opt.amp == "off":
         return contextlib.nullcontext()
@@ -555,12 +562,12 @@ class Trainer:
             outputs = [o[:, :, BORDER:-BORDER, BORDER:-BORDER] for o in outputs]
             losses_d, losses_g = [], []
             for out, gt in zip(outputs, targets):
-                loss_d_fake = gan(disc(out.detach()).float(), False)
-                loss_d_real = gan(disc(gt).float(), True)
+                loss_d_fake = gan(at_least_float32(disc(out.detach())), False)
+                loss_d_real = gan(at_least_float32(disc(gt)), True)
                 losses_d.append((loss_d_fake + loss_d_real) * 0.5)
                 with no_sync():
-                    loss_g_gan = gan(disc(out).float(), True)
-                loss_g_l1 = torch.mean(torch.abs(out.float() - gt)) * opt.l1_weight
+                    loss_g_gan = gan(at_least_float32(disc(out)), True)
+                loss_g_l1 = torch.mean(torch.abs(at_least_float32(out) - gt)) * opt.l1_weight
                 losses_g.append(loss_g_gan + loss_g_l1)
             loss_d = torch.stack(losses_d).mean()
             loss_g = torch.stack(losses_g).mean()
