@@ -12,6 +12,7 @@ import util
 from performance import recompute_in_backward
 from pytorch_prototyping import (Conv2dSame, Conv3dSame, DownsamplingNet, ReplicationPad3d, Unet, Unet3d, UpsamplingNet,
                                   at_least_float32)
+from pytorch_prototyping.norm import BatchNorm2d, BatchNorm3d
 
 RENDER_DROPOUT = 0.1  # dropout probability inside the rendering net (original default)
 INTEGRATION_DROPOUT = 0.2  # channel dropout on the integration net's candidate features
@@ -38,9 +39,9 @@ class FeatureExtractor(nn.Module):
         unet_nf0 = nf0 * 2 ** (num_downsampling - 1)
         self.net = nn.Sequential(
             DownsamplingNet([nf0 * 2 ** i for i in range(num_downsampling)], in_channels=3, use_dropout=False,
-                            norm=nn.BatchNorm2d),
+                            norm=BatchNorm2d),
             Unet(in_channels=unet_nf0, out_channels=out_channels, nf0=unet_nf0, use_dropout=False,
-                 max_channels=8 * nf0, num_down=num_down_unet, norm=nn.BatchNorm2d),
+                 max_channels=8 * nf0, num_down=num_down_unet, norm=BatchNorm2d),
         )
 
         # When True (``performance.enable``), the first down block, the one working at the input's full
@@ -69,7 +70,7 @@ class RenderingNet(nn.Module):
         layers: list[nn.Module] = [
             Unet(in_channels=in_channels, out_channels=3 if num_upsampling <= 0 else 4 * nf0,
                  outermost_linear=num_upsampling <= 0, use_dropout=True, dropout_prob=RENDER_DROPOUT,
-                 nf0=nf0 * 2 ** num_upsampling, norm=nn.BatchNorm2d, max_channels=8 * nf0,
+                 nf0=nf0 * 2 ** num_upsampling, norm=BatchNorm2d, max_channels=8 * nf0,
                  num_down=num_down_unet)
         ]
         if num_upsampling > 0:
@@ -77,7 +78,7 @@ class RenderingNet(nn.Module):
                 UpsamplingNet(per_layer_out_ch=num_upsampling * [nf0], in_channels=4 * nf0,
                               upsampling_mode="transpose", use_dropout=True, dropout_prob=RENDER_DROPOUT),
                 Conv2dSame(nf0, out_channels=nf0 // 2, kernel_size=3, bias=False),
-                nn.BatchNorm2d(nf0 // 2),
+                BatchNorm2d(nf0 // 2),
                 nn.ReLU(True),
                 Conv2dSame(nf0 // 2, 3, kernel_size=3),
             ]
@@ -172,7 +173,7 @@ class OcclusionNet(nn.Module):
 
         self.occlusion_prep = nn.Sequential(
             Conv3dSame(nf0 + 1, occnet_nf, kernel_size=3, bias=False),
-            nn.BatchNorm3d(occnet_nf),
+            BatchNorm3d(occnet_nf),
             nn.ReLU(True),
         )
         num_down = min(util.num_divisible_by_2(depth), util.num_divisible_by_2(frustum_dims[0]))

@@ -13,6 +13,7 @@ from custom_layers import FeatureExtractor, IntegrationNet, OcclusionNet, Render
 from projection import lift_features, sample_frustum
 from pytorch_prototyping import Conv2dSame, Unet3d
 from performance import recompute_cheap_layers, recompute_in_backward
+from pytorch_prototyping.norm import BatchNorm2d
 
 OCCNET_FEATURES = 4  # channels inside the occlusion net's 3D U-Net (original constant)
 INPAINTING_NUM_DOWN = 2  # levels of the 3D inpainting U-Net
@@ -105,13 +106,13 @@ class DeepVoxels(nn.Module):
             wide, narrow = nf0 * grid_dims[-1] // 2, nf0 * grid_dims[-1] // 8
             self.depth_collapse_net = nn.Sequential(
                 Conv2dSame(num_grid_feats * self.frustum_depth, out_channels=wide, kernel_size=3, bias=False),
-                nn.BatchNorm2d(wide),
+                BatchNorm2d(wide),
                 nn.ReLU(True),
                 Conv2dSame(wide, out_channels=narrow, kernel_size=3, bias=False),
-                nn.BatchNorm2d(narrow),
+                BatchNorm2d(narrow),
                 nn.ReLU(True),
                 Conv2dSame(narrow, out_channels=nf0, kernel_size=3, bias=False),
-                nn.BatchNorm2d(nf0),
+                BatchNorm2d(nf0),
                 nn.ReLU(True),
             )
         # Saved with the weights but not trained by the optimiser: it is overwritten by every integration.

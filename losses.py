@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from pytorch_prototyping import ReflectionPad2d
+from pytorch_prototyping.norm import BatchNorm2d
 
 GAN_EPS = 1e-9  # keeps log() finite when the discriminator saturates
 DISCRIMINATOR_NDF = 28  # filters in the discriminator's first layer (original default)
@@ -41,7 +42,7 @@ class PatchDiscriminator(nn.Module):
             layers += [
                 ReflectionPad2d(1),
                 nn.Conv2d(ndf * prev, ndf * mult, kernel_size=4, stride=1 if n == n_layers - 1 else 2, padding=0),
-                nn.BatchNorm2d(ndf * mult),
+                BatchNorm2d(ndf * mult),
                 nn.Dropout2d(DISCRIMINATOR_DROPOUT),
                 nn.LeakyReLU(LEAKY_SLOPE, True),
             ]

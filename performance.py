@@ -33,6 +33,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pytorch_prototyping import norm
+
 # Padding layers whose output is a pure function of their input (no parameters, no randomness).
 PADDING_LAYERS = (nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
                   nn.ReplicationPad2d, nn.ReplicationPad3d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d,
@@ -120,7 +122,9 @@ class _Recipe:
             mean, var = layer.running_mean, layer.running_var
             if batch_stats and mean is not None:
                 mean, var = mean.clone(), var.clone()
-            return F.batch_norm(x, mean, var, layer.weight, layer.bias, batch_stats, 0.0, layer.eps)
+            # The layer's own function: an accurate-statistics BatchNorm (norm.py) must be made again by it.
+            fn = norm.batch_norm if isinstance(layer, norm._AccurateBatchNorm) else F.batch_norm
+            return fn(x, mean, var, layer.weight, layer.bias, batch_stats, 0.0, layer.eps)
         if self.rng is None:
             return layer.forward(x)
         now = _rng_state(x.device)

@@ -107,6 +107,7 @@ class Training:
     autocast: Any
     dist: distributed.Context
     l1_weight: float
+    gan_loss: GANLoss
 
 
 def build_training(opt: Any, device: torch.device, model: DeepVoxels, discriminator: PatchDiscriminator,
@@ -127,7 +128,7 @@ def build_training(opt: Any, device: torch.device, model: DeepVoxels, discrimina
                     generator_step_in_backward=performance.GeneratorStepInBackward(
                         optimizer_g, model.parameters(), paths.step_in_backward),
                     scaler=torch.amp.GradScaler(device.type, enabled=opt.amp == "fp16"),
-                    autocast=amp_context(opt.amp, device), dist=dist, l1_weight=opt.l1_weight)
+                    autocast=amp_context(opt.amp, device), dist=dist, l1_weight=opt.l1_weight, gan_loss=GANLoss())
 
 
 def step_discriminator_as_in_pytorch_1_0(optimizer_d: torch.optim.Optimizer, step) -> None:
@@ -157,7 +158,7 @@ def train_step(t: Training, nearest_rgb: torch.Tensor, lift: tuple[torch.Tensor,
     """
     grid_before = t.model.deepvoxels
     targets = [crop(rgb) for rgb in target_rgbs]
-    gan_loss = GANLoss()
+    gan_loss = t.gan_loss
     with t.autocast():
         outputs, depths = t.generator(nearest_rgb, [p[0] for p in proj], [p[1] for p in proj], *lift)
         outputs = [crop(out) for out in outputs]

@@ -16,6 +16,8 @@ from typing import Optional, Sequence, Type
 import torch
 from torch import nn
 
+from pytorch_prototyping.norm import BatchNorm2d, BatchNorm3d
+
 LEAKY_SLOPE = 0.2  # negative slope of every LeakyReLU in the down paths
 POST_CONV_DROPOUT = 0.1  # the original hard-codes this probability after an UpBlock's second convolution
 
@@ -100,7 +102,7 @@ class Conv3dSame(nn.Module):
 class DownBlock3D(nn.Module):
     """Halves D, H and W: replication pad 1, 4^3 convolution with stride 2, optional norm, LeakyReLU."""
 
-    def __init__(self, in_channels: int, out_channels: int, norm: Optional[Type[nn.Module]] = nn.BatchNorm3d):
+    def __init__(self, in_channels: int, out_channels: int, norm: Optional[Type[nn.Module]] = BatchNorm3d):
         super().__init__()
         layers: list[nn.Module] = [
             ReplicationPad3d(1),
@@ -118,7 +120,7 @@ class DownBlock3D(nn.Module):
 class UpBlock3D(nn.Module):
     """Doubles D, H and W: 4^3 transposed convolution with stride 2, optional norm, ReLU."""
 
-    def __init__(self, in_channels: int, out_channels: int, norm: Optional[Type[nn.Module]] = nn.BatchNorm3d):
+    def __init__(self, in_channels: int, out_channels: int, norm: Optional[Type[nn.Module]] = BatchNorm3d):
         super().__init__()
         layers: list[nn.Module] = [
             nn.ConvTranspose3d(in_channels, out_channels, kernel_size=4, stride=2, padding=1, bias=norm is None),
@@ -139,7 +141,7 @@ class UpBlock(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, post_conv: bool = True, use_dropout: bool = False,
-                 dropout_prob: float = 0.1, norm: Optional[Type[nn.Module]] = nn.BatchNorm2d,
+                 dropout_prob: float = 0.1, norm: Optional[Type[nn.Module]] = BatchNorm2d,
                  upsampling_mode: str = "transpose"):
         super().__init__()
         if upsampling_mode != "transpose":
@@ -174,7 +176,7 @@ class DownBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, prep_conv: bool = True,
                  middle_channels: Optional[int] = None, use_dropout: bool = False, dropout_prob: float = 0.1,
-                 norm: Optional[Type[nn.Module]] = nn.BatchNorm2d):
+                 norm: Optional[Type[nn.Module]] = BatchNorm2d):
         super().__init__()
         if middle_channels is None:
             middle_channels = in_channels
@@ -204,7 +206,7 @@ class DownBlock(nn.Module):
 class UnetSkipConnectionBlock3d(nn.Module):
     """One level of a 3D U-Net: down, (inner levels), up; the output is ``cat([input, result], dim=1)``."""
 
-    def __init__(self, outer_nc: int, inner_nc: int, norm: Optional[Type[nn.Module]] = nn.BatchNorm3d,
+    def __init__(self, outer_nc: int, inner_nc: int, norm: Optional[Type[nn.Module]] = BatchNorm3d,
                  submodule: Optional[nn.Module] = None):
         super().__init__()
         if submodule is None:
@@ -223,7 +225,7 @@ class UnetSkipConnectionBlock(nn.Module):
     """One level of a 2D U-Net: down, (inner levels), up; the output is ``cat([input, result], dim=1)``."""
 
     def __init__(self, outer_nc: int, inner_nc: int, upsampling_mode: str = "transpose",
-                 norm: Optional[Type[nn.Module]] = nn.BatchNorm2d, submodule: Optional[nn.Module] = None,
+                 norm: Optional[Type[nn.Module]] = BatchNorm2d, submodule: Optional[nn.Module] = None,
                  use_dropout: bool = False, dropout_prob: float = 0.1):
         super().__init__()
         down = DownBlock(outer_nc, inner_nc, use_dropout=use_dropout, dropout_prob=dropout_prob, norm=norm)
@@ -250,7 +252,7 @@ class Unet3d(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, nf0: int, num_down: int, max_channels: int,
-                 norm: Optional[Type[nn.Module]] = nn.BatchNorm3d, outermost_linear: bool = False):
+                 norm: Optional[Type[nn.Module]] = BatchNorm3d, outermost_linear: bool = False):
         super().__init__()
         if num_down < 1:
             raise ValueError(f"Unet3d needs at least one downsampling level, got num_down={num_down}")
@@ -288,7 +290,7 @@ class Unet(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, nf0: int, num_down: int, max_channels: int,
                  use_dropout: bool, upsampling_mode: str = "transpose", dropout_prob: float = 0.1,
-                 norm: Optional[Type[nn.Module]] = nn.BatchNorm2d, outermost_linear: bool = False):
+                 norm: Optional[Type[nn.Module]] = BatchNorm2d, outermost_linear: bool = False):
         super().__init__()
         if num_down < 1:
             raise ValueError(f"Unet needs at least one downsampling level, got num_down={num_down}")
@@ -331,7 +333,7 @@ class DownsamplingNet(nn.Module):
     """``len(per_layer_out_ch)`` DownBlocks, each halving H and W; identity when the list is empty."""
 
     def __init__(self, per_layer_out_ch: Sequence[int], in_channels: int, use_dropout: bool,
-                 dropout_prob: float = 0.1, norm: Optional[Type[nn.Module]] = nn.BatchNorm2d):
+                 dropout_prob: float = 0.1, norm: Optional[Type[nn.Module]] = BatchNorm2d):
         super().__init__()
         if not per_layer_out_ch:
             self.downs: nn.Module = nn.Identity()
@@ -350,7 +352,7 @@ class UpsamplingNet(nn.Module):
     """``len(per_layer_out_ch)`` UpBlocks, each doubling H and W; identity when the list is empty."""
 
     def __init__(self, per_layer_out_ch: Sequence[int], in_channels: int, upsampling_mode: str,
-                 use_dropout: bool, dropout_prob: float = 0.1, norm: Optional[Type[nn.Module]] = nn.BatchNorm2d):
+                 use_dropout: bool, dropout_prob: float = 0.1, norm: Optional[Type[nn.Module]] = BatchNorm2d):
         super().__init__()
         if not per_layer_out_ch:
             self.ups: nn.Module = nn.Identity()
