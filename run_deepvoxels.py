@@ -214,8 +214,10 @@ def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
 
 @dataclass
 class TrainResult:
-    log_dir: str
+    log_dir: Optional[str]  # None on ranks other than 0
     step: int
+    model: DeepVoxels
+    discriminator: PatchDiscriminator
     stopped_by: Optional[int] = None  # the signal that ended training early, if any
 
 
@@ -342,7 +344,7 @@ def train(opt: Any, device: torch.device, dist: distributed.Context) -> TrainRes
     except _StopRequested:
         save(f"signal {stop['signal']}")
         log.info("stopped by signal %s at step %d; continue with --resume", stop["signal"], step)
-        return TrainResult(log_dir, step, stopped_by=stop["signal"])
+        return TrainResult(log_dir, step, model, discriminator, stopped_by=stop["signal"])
     except FloatingPointError as err:
         path = save("last good state before a non-finite loss")
         raise NonFiniteLossError(f"{err}; the last good state is in {path or 'rank 0 checkpoint'}") from err
@@ -360,7 +362,7 @@ def train(opt: Any, device: torch.device, dist: distributed.Context) -> TrainRes
         validate()
     if writer is not None:
         writer.close()
-    return TrainResult(log_dir, step)
+    return TrainResult(log_dir, step, model, discriminator)
 
 
 # ----------------------------------------------------------------------------------------------------------

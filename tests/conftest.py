@@ -15,12 +15,21 @@ REFERENCE_DIR = os.environ.get("DEEPVOXELS_REFERENCE",
                                os.path.join(os.path.dirname(REPO_ROOT), "shared", "reference"))
 
 
+def require_reference() -> str:
+    """The folder of the original implementation's fixtures. The parity tests need it: when it is missing they
+    fail with one line saying where it was expected, unless DEEPVOXELS_SKIP_PARITY=1 opts out (then they skip)."""
+    if os.path.isdir(REFERENCE_DIR):
+        return REFERENCE_DIR
+    if os.environ.get("DEEPVOXELS_SKIP_PARITY") == "1":
+        pytest.skip(f"parity fixtures not found at {REFERENCE_DIR} (DEEPVOXELS_SKIP_PARITY=1)")
+    pytest.fail(f"parity fixtures not found at {REFERENCE_DIR}: put the original's fixtures there, point "
+                "DEEPVOXELS_REFERENCE at them, or set DEEPVOXELS_SKIP_PARITY=1 to skip the parity tests",
+                pytrace=False)
+
+
 @pytest.fixture
 def reference_dir() -> str:
-    """Folder with the original implementation's fixtures; tests needing it skip when absent."""
-    if not os.path.isdir(REFERENCE_DIR):
-        pytest.skip(f"reference fixtures not found at {REFERENCE_DIR}")
-    return REFERENCE_DIR
+    return require_reference()
 
 
 # The device the device-aware tests run on: CPU unless DEEPVOXELS_TEST_DEVICE names another (``cuda``,

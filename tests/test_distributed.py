@@ -6,6 +6,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import checkpoints
+import distributed
+import options
 import run_deepvoxels
 from tools import synthetic
 
@@ -25,11 +28,11 @@ def _worker(rank: int, argv: list, port: int, out_dir: str) -> None:
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
-    opt = run_deepvoxels.parse_args(argv)
-    dist_ctx, device = run_deepvoxels.setup_distributed(opt)
+    opt = options.parse_args(argv)
+    dist_ctx, device = distributed.setup(opt.device)
     assert dist_ctx.world == WORLD and dist_ctx.rank == rank
     result = run_deepvoxels.train(opt, device, dist_ctx)
-    torch.save({"model": result.trainer.model.state_dict(), "discriminator": result.trainer.discriminator.state_dict(),
+    torch.save({"model": result.model.state_dict(), "discriminator": result.discriminator.state_dict(),
                 "step": result.step, "log_dir": result.log_dir}, os.path.join(out_dir, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
@@ -41,6 +44,7 @@ def dataset(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_stay_identical_and_checkpoint_renders(dataset, tmp_path, capsys):
     logs = tmp_path / "logs"
     argv = ["--train_test", "train", "--data_root", str(dataset / "train" / "cube"), "--logging_root", str(logs),
@@ -59,7 +63,7 @@ def test_two_gloo_ranks_stay_identical_and_checkpoint_renders(dataset, tmp_path,
     assert states[0]["model"]["deepvoxels"].abs().sum() > 0
 
     # Rank 0's checkpoint has the single-process format and renders in single-process test mode.
-    ckpts = run_deepvoxels.list_checkpoints(states[0]["log_dir"])
+    ckpts = checkpoints.list_checkpoints(states[0]["log_dir"])
     assert ckpts and ckpts[-1][0] == STEPS
     payload = torch.load(ckpts[-1][1], weights_only=True)
     for key, value in states[0]["model"].items():
@@ -72,7 +76,7 @@ def test_two_gloo_ranks_stay_identical_and_checkpoint_renders(dataset, tmp_path,
 
 def test_without_torchrun_the_run_is_not_distributed(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
-    opt = run_deepvoxels.parse_args(["--train_test", "train", "--data_root", "x", "--logging_root", "y", *TINY])
-    dist_ctx, device = run_deepvoxels.setup_distributed(opt)
+    opt = options.parse_args(["--train_test", "train", "--data_root", "x", "--logging_root", "y", *TINY])
+    dist_ctx, device = distributed.setup(opt.device)
     assert not dist_ctx.enabled and dist_ctx.is_main and device.type == "cpu"
     assert not torch.distributed.is_initialized()

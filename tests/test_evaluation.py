@@ -23,11 +23,14 @@ import warnings
 import numpy as np
 import pytest
 
+import torch
+
+import checkpoints
 import data_util
 import metrics
-from conftest import TEST_DEVICE
 import run_deepvoxels
-import util
+from conftest import TEST_DEVICE
+from evaluation import Validator
 from tools import dataset, nn_baseline, synthetic
 
 SIDE = 128
@@ -191,10 +194,6 @@ def test_lpips_notice_at_most_once_in_test_mode(run):
     assert len(notices) <= 1
 
 
-def test_eval_border_is_the_training_crop():
-    assert metrics.BORDER == run_deepvoxels.BORDER
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Training: TensorBoard, validation, best.pth
 # ----------------------------------------------------------------------------------------------------------
@@ -216,12 +215,12 @@ def test_best_checkpoint_holds_the_best_validation_psnr(run):
     scalars, _ = read_events(run.events)
     val = scalars["val_psnr"]
     best_step, best_value = max(val, key=lambda sv: sv[1])
-    payload = util.load_checkpoint(os.path.join(run.log_dir, "best.pth"))
+    payload = checkpoints.load(os.path.join(run.log_dir, "best.pth"))
     assert payload["best_psnr"] == pytest.approx(best_value, rel=1e-6)  # event files store float32
     assert payload["step"] == best_step
     assert "model" in payload and "deepvoxels" in payload["model"]
     # The end-of-training checkpoint remembers it too, so --resume keeps the same best.
-    assert util.load_checkpoint(run.checkpoint)["best_psnr"] == pytest.approx(best_value, rel=1e-6)
+    assert checkpoints.load(run.checkpoint)["best_psnr"] == pytest.approx(best_value, rel=1e-6)
 
 
 def test_validation_defaults_to_the_sibling_folder(run):
@@ -235,10 +234,10 @@ def _validator_opt(data_root: str, val_root: str = "") -> types.SimpleNamespace:
 
 
 def test_validation_root_flag(run):
-    geometry = run_deepvoxels.build_geometry(os.path.join(run.folders["train"], "intrinsics.txt"), 8, 0.5)
+    cpu = torch.device("cpu")
+    geometry = run_deepvoxels.build_geometry(os.path.join(run.folders["train"], "intrinsics.txt"), 8, 0.5, cpu)
     # Any folder with poses and images serves; here the test split stands in for a validation set.
-    validator = run_deepvoxels.Validator.create(_validator_opt(run.folders["train"], run.folders["test"]),
-                                                geometry, util.resolve_device("cpu"))
+    validator = Validator.create(_validator_opt(run.folders["train"], run.folders["test"]), geometry, cpu)
     assert validator is not None and validator.dataset.root_dir == run.folders["test"]
 
 
@@ -246,7 +245,7 @@ def test_validation_off_gives_one_notice(tmp_path, caplog):
     scene = tmp_path / "scene"  # not inside a train/validation/test tree, and no --val_root
     scene.mkdir()
     with caplog.at_level(logging.INFO):
-        validator = run_deepvoxels.Validator.create(_validator_opt(str(scene)), None, None)
+        validator = Validator.create(_validator_opt(str(scene)), None, None)
     assert validator is None
     assert len([r for r in caplog.records if "validation off" in r.getMessage()]) == 1
 

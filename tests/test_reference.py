@@ -7,11 +7,18 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import run_deepvoxels
 import util
-from losses import PatchDiscriminator
+from conftest import require_reference
+from data_util import UINT16_MAX
+from evaluation import crop
 
 SMALL = types.SimpleNamespace(img_sidelength=128, grid_dim=16, num_grid_feats=8, nf0=8, no_occlusion_net=False)
+
+
+def _build_model(flags: types.SimpleNamespace, device: torch.device = torch.device("cpu")):
+    return run_deepvoxels.build_networks(types.SimpleNamespace(**vars(flags), batchnorm_init="ones"), device)
 NUM_POSES = 6
 ATOL = 1e-4
 
@@ -22,7 +29,7 @@ def _manifest_model(manifest):
                                 num_grid_feats=cfg["num_grid_feats"], nf0=cfg["nf0"],
                                 no_occlusion_net=not cfg["use_occlusion_net"])
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        return run_deepvoxels.build_model(opt), PatchDiscriminator(input_nc=3)
+        return _build_model(opt, torch.device("meta"))
 
 
 @pytest.mark.parametrize("name", ["state_dict_default.json", "state_dict_no_occlusion.json"])
@@ -44,29 +51,21 @@ def test_state_dict_matches_manifest(reference_dir, name):
     assert sorted(k for k, _ in model.named_buffers() if k in keys) == sorted(manifest["model_buffer_keys"])
 
 
-def _reference_dir() -> str:
-    from conftest import REFERENCE_DIR
-    if not os.path.isdir(REFERENCE_DIR):
-        pytest.skip(f"reference fixtures not found at {REFERENCE_DIR}")
-    return REFERENCE_DIR
-
-
 @pytest.fixture
 def geometry(device):
-    return run_deepvoxels.build_geometry(os.path.join(_reference_dir(), "small_intrinsics.txt"), SMALL.grid_dim,
+    return run_deepvoxels.build_geometry(os.path.join(require_reference(), "small_intrinsics.txt"), SMALL.grid_dim,
                                          float(np.sqrt(3) / 2), device)
 
 
 @pytest.fixture(scope="module")
 def small_checkpoint():
-    return util.load_checkpoint(os.path.join(_reference_dir(), "small_ckpt.pth"))
+    return checkpoints.load(os.path.join(require_reference(), "small_ckpt.pth"))
 
 
 @pytest.fixture
 def small_model(small_checkpoint, device):
-    model = run_deepvoxels.build_model(SMALL)
+    model, disc = _build_model(SMALL)
     model.load_state_dict(small_checkpoint["model"], strict=True)
-    disc = PatchDiscriminator(input_nc=3)
     disc.load_state_dict(small_checkpoint["discriminator"], strict=True)
     return model.to(device).eval()
 
@@ -120,8 +119,7 @@ def test_test_mode_renders_and_depths(reference_dir, geometry, small_model, devi
         assert _on(images[i], device) and _on(depths[i], device)
         np.testing.assert_allclose(_np(images[i]), ref[f"rendered_full_{i}"], atol=ATOL, rtol=0)
         np.testing.assert_allclose(_np(depths[i]), ref[f"depth_raw_{i}"], atol=ATOL, rtol=0)
-        cropped = images[i][:, :, run_deepvoxels.BORDER:-run_deepvoxels.BORDER,
-                            run_deepvoxels.BORDER:-run_deepvoxels.BORDER]
+        cropped = crop(images[i])
         np.testing.assert_allclose(_np(cropped), ref[f"rendered_cropped_{i}"], atol=ATOL, rtol=0)
 
 
@@ -158,15 +156,14 @@ def test_train_mode_forward_in_eval(reference_dir, geometry, small_model, device
     for i in range(2):
         np.testing.assert_allclose(_np(images[i]), ref[f"rendered_full_{i}"], atol=ATOL, rtol=0)
         np.testing.assert_allclose(_np(depths[i]), ref[f"depth_raw_{i}"], atol=ATOL, rtol=0)
-        metric = (depths[i] + 0.5) * int(np.ceil(np.sqrt(3) * SMALL.grid_dim)) * geometry.voxel_size \
-            + geometry.near_plane
+        metric = run_deepvoxels.metric_depth(depths[i], geometry, SMALL.grid_dim)
         np.testing.assert_allclose(_np(metric), ref[f"depth_metric_{i}"], atol=ATOL, rtol=0)
 
 
 def test_checkpoint_config_inferred_from_original_file(reference_dir):
-    payload = util.load_checkpoint(os.path.join(reference_dir, "small_ckpt.pth"))
+    payload = checkpoints.load(os.path.join(reference_dir, "small_ckpt.pth"))
     assert set(payload) == {"model", "discriminator"}
-    assert run_deepvoxels.infer_model_config(payload["model"]) == vars(SMALL)
+    assert checkpoints.infer_model_flags(payload["model"]) == vars(SMALL)
 
 
 def test_cli_test_mode_writes_the_original_pngs(reference_dir, tmp_path, capsys, device):
@@ -191,7 +188,7 @@ def test_cli_test_mode_writes_the_original_pngs(reference_dir, tmp_path, capsys,
         png = data_util.read_image(os.path.join(out_dir, f"img_{i:05d}.png"))
         assert png.dtype == np.uint16 and png.shape == (118, 118, 3)
         diff = np.abs(png.astype(np.int64) - ref[f"test_png_rgb_uint16_{i}"].astype(np.int64))
-        assert diff.max() <= 1e-3 * run_deepvoxels.UINT16_MAX
+        assert diff.max() <= 1e-3 * UINT16_MAX
         depth = data_util.read_image(os.path.join(out_dir, "depth", f"img_{i:05d}.png"))
         diff = np.abs(depth.astype(np.int64) - ref["test_depth_png_uint16"][i, ..., 0].astype(np.int64))
-        assert diff.max() <= 1e-3 * run_deepvoxels.UINT16_MAX
+        assert diff.max() <= 1e-3 * UINT16_MAX

@@ -174,9 +174,8 @@ def _batch(npz, step: int, dtype: torch.dtype) -> dict:
 
 @pytest.fixture(scope="module")
 def fixtures():
-    from conftest import REFERENCE_DIR
-    if not os.path.isdir(REFERENCE_DIR):
-        pytest.skip(f"reference fixtures not found at {REFERENCE_DIR}")
+    from conftest import require_reference
+    REFERENCE_DIR = require_reference()
     f32 = np.load(os.path.join(REFERENCE_DIR, "train_steps.npz"))
     f64 = np.load(os.path.join(REFERENCE_DIR, "train_step0_f64.npz"))
     return REFERENCE_DIR, {k: f32[k] for k in f32.files}, {k: f64[k] for k in f64.files}
