@@ -12,7 +12,7 @@ import torch
 import data_util
 from data_util import UINT16_MAX
 from deep_voxels import DeepVoxels
-from metrics import BORDER, psnr, ssim
+from metrics import BORDER, LpipsScorer, psnr, ssim, write_metrics
 from projection import EmptyFrustumError, IndexCache
 
 log = logging.getLogger("deepvoxels")
@@ -122,6 +122,42 @@ class Validator:
         log.info("validation at step %d: PSNR %.2f dB, SSIM %.4f over %d views", step, mean_psnr, mean_ssim,
                  len(items))
         return mean_psnr
+
+
+class ViewScorer:
+    """Test mode's per-view scores of a written 16-bit render: PSNR, SSIM, and LPIPS where available."""
+
+    def __init__(self) -> None:
+        self.lpips = LpipsScorer()
+
+    def __call__(self, index: int, png: np.ndarray, item: dict) -> dict[str, Any]:
+        pred, gt, p, s = score(png, item)
+        row = {"view": index, "pose_file": os.path.basename(item["pose_path"]), "psnr": p, "ssim": s}
+        if self.lpips.available:
+            row["lpips"] = self.lpips(pred, gt)
+        return row
+
+
+def write_test_outputs(folder: str, items: list[dict], frames: list[np.ndarray], depths: list[np.ndarray],
+                       rows: list[dict], summary: dict[str, Any]) -> str:
+    """Beside the renders: depth PNGs, metrics.json (with the mean scores added to ``summary``), metrics.csv
+    and a comparison strip where there are scores, and a video. Returns the video's path."""
+    os.makedirs(os.path.join(folder, "depth"), exist_ok=True)
+    write_depth_pngs(os.path.join(folder, "depth"), depths)
+    for key in ("psnr", "ssim", "lpips"):
+        if rows and key in rows[0]:
+            summary[key] = float(np.mean([r[key] for r in rows]))
+    write_metrics(folder, rows, summary)
+    if rows:
+        write_comparison_strip(os.path.join(folder, "comparison.png"), items, frames)
+    return write_video(os.path.join(folder, "video"), frames)
+
+
+def scores_line(summary: dict[str, Any], num_views: int) -> str:
+    line = f"PSNR {summary['psnr']:.2f} dB  SSIM {summary['ssim']:.4f}"
+    if "lpips" in summary:
+        line += f"  LPIPS {summary['lpips']:.4f}"
+    return line + f"  over {num_views} views (metrics.csv, metrics.json)"
 
 
 def write_depth_pngs(folder: str, depths: list[np.ndarray]) -> None:

@@ -31,10 +31,8 @@ import options
 import performance
 import util
 from deep_voxels import DeepVoxels
-from evaluation import (Validator, crop, render_poses, score, to_uint16, write_comparison_strip, write_depth_pngs,
-                        write_video)
+from evaluation import Validator, ViewScorer, crop, render_poses, scores_line, to_uint16, write_test_outputs
 from losses import GANLoss, PatchDiscriminator
-from metrics import write_metrics
 from options import FEATURE_MAP_SIZE
 from projection import EmptyFrustumError, IndexCache, ProjectionHelper
 from pytorch_prototyping import at_least_float32
@@ -158,21 +156,21 @@ def train_step(t: Training, nearest_rgb: torch.Tensor, lift: tuple[torch.Tensor,
     """
     grid_before = t.model.deepvoxels
     targets = [crop(rgb) for rgb in target_rgbs]
-    gan_loss = t.gan_loss
+    terms: dict[str, list[torch.Tensor]] = {"l1": [], "gan_g": [], "gan_d": []}  # per target view
     with t.autocast():
         outputs, depths = t.generator(nearest_rgb, [p[0] for p in proj], [p[1] for p in proj], *lift)
         outputs = [crop(out) for out in outputs]
-        gan_d, gan_g, l1 = [], [], []
         for out, gt in zip(outputs, targets):
+            terms["l1"].append(torch.mean(torch.abs(at_least_float32(out) - gt)))
             # D on the detached render and on the real image; then on the render again, for the generator.
-            fake_d, real_d = at_least_float32(t.critic(out.detach())), at_least_float32(t.critic(gt))
-            gan_d.append(0.5 * (gan_loss(fake_d, False) + gan_loss(real_d, True)))
+            fake, real = at_least_float32(t.critic(out.detach())), at_least_float32(t.critic(gt))
+            terms["gan_d"].append(0.5 * (t.gan_loss(fake, False) + t.gan_loss(real, True)))
             with distributed.no_sync(t.critic):  # this pass's backward reaches only the generator
-                gan_g.append(gan_loss(at_least_float32(t.critic(out)), True))
-            l1.append(torch.mean(torch.abs(at_least_float32(out) - gt)))
+                terms["gan_g"].append(t.gan_loss(at_least_float32(t.critic(out)), True))
+    losses = {name: torch.stack(values) for name, values in terms.items()}
     # The original's losses are means over the target views.
-    loss_d = torch.stack(gan_d).mean()
-    loss_g = torch.stack([g + t.l1_weight * l for g, l in zip(gan_g, l1)]).mean()
+    loss_d = losses["gan_d"].mean()
+    loss_g = (losses["gan_g"] + t.l1_weight * losses["l1"]).mean()
     if not distributed.all_true(t.dist, torch.isfinite(loss_d) & torch.isfinite(loss_g)):
         t.model.deepvoxels = grid_before  # the forward already replaced the grid
         raise FloatingPointError(f"non-finite loss (loss_g {loss_g.item()}, loss_d {loss_d.item()})")
@@ -189,10 +187,10 @@ def train_step(t: Training, nearest_rgb: torch.Tensor, lift: tuple[torch.Tensor,
         # Freed now rather than at the next step's zero_grad, where they would sit through its forward pass.
         t.optimizer_d.zero_grad(set_to_none=True)
         t.optimizer_g.zero_grad(set_to_none=True)
-    # The original logged the terms of the last target.
-    losses = {"discrim_loss": loss_d.item(), "gen_loss_total": loss_g.item(),
-              "gen_loss_l1": (t.l1_weight * l1[-1]).item(), "gen_loss_g": gan_g[-1].item()}
-    return losses, outputs, targets, depths
+    # The original logged the generator's terms of the last target.
+    logged = {"discrim_loss": loss_d.item(), "gen_loss_total": loss_g.item(),
+              "gen_loss_l1": (t.l1_weight * losses["l1"][-1]).item(), "gen_loss_g": losses["gan_g"][-1].item()}
+    return logged, outputs, targets, depths
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -372,7 +370,6 @@ def test(opt: Any, device: torch.device) -> dict[str, Any]:
     """Render every pose in data_root/pose: 16-bit PNGs, depth PNGs, a video and, where the folder has ground
     truth, PSNR/SSIM (metrics.csv, metrics.json) and a comparison strip."""
     import dataio
-    from metrics import LpipsScorer
     payload = checkpoints.load(opt.checkpoint)
     flags = checkpoints.take_model_flags(opt.checkpoint, payload, opt)
     print("model flags from the checkpoint: " + ", ".join(f"{k} {v}" for k, v in flags.items()))
@@ -385,48 +382,28 @@ def test(opt: Any, device: torch.device) -> dict[str, Any]:
     model.eval()
     dataset = dataio.TestDataset(opt.data_root, opt.img_sidelength)
     traj_dir = os.path.join(opt.logging_root, "test_traj", checkpoints.test_folder_name(opt, datetime.datetime.now()))
-    depth_dir = os.path.join(traj_dir, "depth")
-    os.makedirs(depth_dir, exist_ok=True)
+    os.makedirs(traj_dir, exist_ok=True)
 
     items = [dataset[i] for i in range(len(dataset))]
     timings: list[float] = []
-    depths, frames, rows = [], [], []
-    lpips = LpipsScorer() if dataset.has_gt else None
+    frames, depths, rows = [], [], []
+    scorer = ViewScorer() if dataset.has_gt else None
     from tqdm import tqdm
     renders = render_poses(model, IndexCache(geometry, device), [it["pose"] for it in items], opt.view_batch,
                            amp_context(opt.amp, device), timings)
     for i, img, depth in tqdm(renders, total=len(items), desc="test", disable=None):
-        png = to_uint16(crop(img))
-        data_util.write_png(os.path.join(traj_dir, f"img_{i:05d}.png"), png)
+        frames.append(to_uint16(crop(img)))  # the original's 16-bit renders, without the border
+        data_util.write_png(os.path.join(traj_dir, f"img_{i:05d}.png"), frames[-1])
         depths.append(depth.float().cpu().numpy().transpose(1, 2, 0))
-        frames.append(png)
-        if dataset.has_gt:
-            pred, gt, psnr, ssim = score(png, items[i])
-            row = {"view": i, "pose_file": os.path.basename(items[i]["pose_path"]), "psnr": psnr, "ssim": ssim}
-            if lpips.available:
-                row["lpips"] = lpips(pred, gt)
-            rows.append(row)
-    write_depth_pngs(depth_dir, depths)
-
-    mean_time = float(np.mean(timings)) if timings else float("nan")
-    summary: dict[str, Any] = {"checkpoint": os.path.abspath(opt.checkpoint), "step": payload.get("step"),
-                               "num_views": len(items), "mean_forward_s": mean_time, "out_dir": traj_dir,
-                               "config": options.plain_config(opt)}
-    for key in ("psnr", "ssim", "lpips"):
-        if rows and key in rows[0]:
-            summary[key] = float(np.mean([r[key] for r in rows]))
-    write_metrics(traj_dir, rows, summary)
+        if scorer is not None:
+            rows.append(scorer(i, frames[-1], items[i]))
+    summary = {"checkpoint": os.path.abspath(opt.checkpoint), "step": payload.get("step"), "num_views": len(items),
+               "mean_forward_s": float(np.mean(timings)), "out_dir": traj_dir, "config": options.plain_config(opt)}
+    video = write_test_outputs(traj_dir, items, frames, depths, rows, summary)
+    print(f"Average forward pass time over {len(items)} examples is {summary['mean_forward_s']:f}")
+    print(f"renders: {traj_dir}  depth: {os.path.join(traj_dir, 'depth')}  video: {video}")
     if rows:
-        write_comparison_strip(os.path.join(traj_dir, "comparison.png"), items, frames)
-    video = write_video(os.path.join(traj_dir, "video"), frames)
-
-    print(f"Average forward pass time over {len(items)} examples is {mean_time:f}")
-    print(f"renders: {traj_dir}  depth: {depth_dir}  video: {video}")
-    if rows:
-        line = f"PSNR {summary['psnr']:.2f} dB  SSIM {summary['ssim']:.4f}"
-        if "lpips" in summary:
-            line += f"  LPIPS {summary['lpips']:.4f}"
-        print(line + f"  over {len(rows)} views (metrics.csv, metrics.json)")
+        print(scores_line(summary, len(rows)))
     return summary
 
 
