@@ -113,17 +113,16 @@ def _padded_conv3d(in_channels: int, out_channels: int, bias: bool, dropout: flo
 class IntegrationNet(nn.Module):
     """GRU-style fusion of a newly lifted observation into the persistent grid.
 
-    ``reset`` and ``update`` gates come from the old state and the new observation (each with coordinate
-    channels); the candidate is ``relu(W_new * new + W_old * (reset * old))`` and the result is
-    ``(1 - update) * old + update * candidate``.
+    ``reset`` and ``update`` gates (one channel each) come from the old state and the new observation, each
+    with coordinate channels; the candidate is ``relu(W_new * new + W_old * (reset * old))`` with channel
+    dropout on both terms, and the result is ``(1 - update) * old + update * candidate``. (The original's
+    constructor also offered per-feature gates and no coordinate channels or dropout; DeepVoxels used none
+    of these.)
     """
 
-    def __init__(self, nf0: int, coord_conv: bool, use_dropout: bool, per_feature: bool, grid_dim: int):
+    def __init__(self, nf0: int, grid_dim: int):
         super().__init__()
-        self.coord_conv = coord_conv
-        in_channels = nf0 + COORD_CHANNELS if coord_conv else nf0
-        gate_channels = nf0 if per_feature else 1
-        dropout = INTEGRATION_DROPOUT if use_dropout else 0.0
+        in_channels, gate_channels, dropout = nf0 + COORD_CHANNELS, 1, INTEGRATION_DROPOUT
 
         # Construction order and names follow the original (state_dict keys, seeded initialisation).
         self.new_integration = _padded_conv3d(in_channels, nf0, bias=True, dropout=dropout)
@@ -137,13 +136,10 @@ class IntegrationNet(nn.Module):
     def forward(self, new_observation: torch.Tensor,
                 old_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Args: new_observation, old_state: (B, C, G, G, G).
-        Returns: (new_state (B, C, G, G, G), update gate, reset gate (each (B, 1 or C, G, G, G)))."""
-        if self.coord_conv:
-            coords = self.coord_conv_volume.expand(old_state.shape[0], -1, -1, -1, -1).to(old_state.dtype)
-            old = torch.cat([old_state, coords], dim=1)
-            new = torch.cat([new_observation, coords], dim=1)
-        else:
-            old, new = old_state, new_observation
+        Returns: (new_state (B, C, G, G, G), update gate, reset gate (each (B, 1, G, G, G)))."""
+        coords = self.coord_conv_volume.expand(old_state.shape[0], -1, -1, -1, -1).to(old_state.dtype)
+        old = torch.cat([old_state, coords], dim=1)
+        new = torch.cat([new_observation, coords], dim=1)
         # Gates and the blend in float32 at least: under bf16 autocast, 1 - update would be rounded to steps
         # of 2^-8, and the persistent grid, blended anew at every step, would carry that error forward.
         # (A no-op in float32.)
@@ -163,7 +159,6 @@ class OcclusionNet(nn.Module):
         """Args: nf0: grid feature channels; occnet_nf: internal channels;
         frustum_dims: (H, W, D) of the view volume, as the original passed them."""
         super().__init__()
-        self.occnet_nf = occnet_nf
         self.frustum_depth = frustum_dims[-1]
         depth = self.frustum_depth
         # Plane k's coordinate (k - D/2) / D, in [-1/2, 1/2); the depth map is its visibility-weighted mean.

@@ -70,7 +70,8 @@ class DeepVoxels(nn.Module):
 
     Args:
         img_sidelength: S, side of input and rendered images (64 * 2^k, k >= 1).
-        lifting_img_dims, frustrum_img_dims: (H, W) of the lifted feature map and the view volume (64, 64).
+        lifting_img_dims, frustrum_img_dims: (H, W) of the lifted feature map and the view volume (64, 64);
+            the lifted map's size follows from the feature extractor, the argument is kept for the original's callers.
         grid_dims: (G, G, G).
         num_grid_feats: C, features per voxel.
         nf0: features in the outermost layer of the 2D U-Nets.
@@ -85,11 +86,8 @@ class DeepVoxels(nn.Module):
         super().__init__()
         self.use_occlusion_net = use_occlusion_net
         self.grid_dims = list(grid_dims)
-        self.lifting_img_dims = list(lifting_img_dims)
         self.frustum_img_dims = list(frustrum_img_dims)
         self.frustum_depth = FRUSTUM_DEPTH_PER_VOXEL * grid_dims[-1]
-        self.nf0 = nf0
-        self.n_grid_feats = num_grid_feats
 
         # Submodules are created in the original's order: same state_dict order, same seeded initialisation.
         self.feature_extractor = FeatureExtractor(nf0=nf0, out_channels=num_grid_feats,
@@ -117,8 +115,7 @@ class DeepVoxels(nn.Module):
             )
         # Saved with the weights but not trained by the optimiser: it is overwritten by every integration.
         self.register_buffer("deepvoxels", torch.zeros(1, num_grid_feats, *grid_dims))
-        self.integration_net = IntegrationNet(num_grid_feats, use_dropout=True, coord_conv=True,
-                                              per_feature=False, grid_dim=grid_dims[-1])
+        self.integration_net = IntegrationNet(num_grid_feats, grid_dim=grid_dims[-1])
         self.inpainting_net = Unet3d(in_channels=num_grid_feats + 3, out_channels=num_grid_feats,
                                      num_down=INPAINTING_NUM_DOWN, nf0=num_grid_feats,
                                      max_channels=4 * num_grid_feats)

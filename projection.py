@@ -28,8 +28,6 @@ import torch
 
 from pytorch_prototyping.blocks import autocast_off
 
-HOMOGENEOUS_DIM = 4
-
 
 _Method = TypeVar("_Method", bound=Callable)
 

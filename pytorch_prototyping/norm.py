@@ -1,15 +1,12 @@
 """BatchNorm whose batch statistics stay accurate in the channels-last layout on CPU.
 
-ATen's CPU BatchNorm kernels for channels-last input sum each channel over all positions in the tensor's
-own precision, one position after the other (forward: mean and variance; backward: ``sum(dy)`` and
-``sum(dy * (x - mean))``), so their rounding error grows with the number of positions. The NCHW kernels
-the original DeepVoxels ran on do not. Measured in float32 against float64 on the DeepVoxels training step
-(feature extractor, 8 x 128 x 128 map after the first convolution): the channels-last output is off by
-5.8e-5 relative (NCHW: 1e-7), and that error, passed through the U-Nets and the 4-value BatchNorms at their
-bottom, put the lifted features 150x further from the float64 result than float32 rounding moves the
-original. Here the statistics and the backward's two sums come from ATen's reductions (pairwise/cascade
-summation, accurate in any layout); the normalisation itself is ATen's batch_norm with those statistics,
-so the layout is kept and no copy is made.
+ATen's CPU BatchNorm kernels for channels-last input sum each channel over all positions in the tensor's own
+precision, one position after the other (forward: mean and variance; backward: ``sum(dy)`` and
+``sum(dy * (x - mean))``), so their rounding error grows with the number of positions; the NCHW kernels the
+original DeepVoxels ran on do not. The U-Nets pass that error on to the BatchNorms at their bottom, which
+normalise over a handful of values and amplify it (docs/differences.md has the figures). Here the statistics
+and the backward's two sums come from ATen's reductions (pairwise summation, accurate in any layout); the
+normalisation itself is ATen's batch_norm with those statistics, so the layout is kept and no copy is made.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ def _convs(module: nn.Module) -> list[nn.Conv3d]:
 def test_integration_blends_the_grid_in_float32_under_bf16():
     """A small update gate: (1 - u) in bf16 would move in steps of 2^-8 (relative error up to 2e-3)."""
     torch.manual_seed(0)
-    net = IntegrationNet(FEATS, coord_conv=True, use_dropout=False, per_feature=False, grid_dim=GRID).eval()
+    net = IntegrationNet(FEATS, grid_dim=GRID).eval()
     with torch.no_grad():
         for conv in _convs(net):  # every gate logit is its bias; the candidate is relu(0) = 0
             conv.weight.zero_()
