@@ -72,7 +72,7 @@ demo: $(DEMO_STAMP)
 		--data_root $(DEMO_DATA)/train/$(DEMO_OBJECT) --logging_root $(DEMO_LOGS) $(DEMO_FLAGS) \
 		| tee $(DEMO_LOGS)/train.out
 	run_dir=$$(sed -n 's/^checkpoints and logs: //p' $(DEMO_LOGS)/train.out | tail -n 1); \
-	checkpoint=$$($(PY) -c 'import sys, run_deepvoxels; print(run_deepvoxels.list_checkpoints(sys.argv[1])[-1][1])' "$$run_dir"); \
+	checkpoint=$$($(PY) -c 'import sys, checkpoints; print(checkpoints.list_checkpoints(sys.argv[1])[-1][1])' "$$run_dir"); \
 	echo "testing $$checkpoint"; \
 	$(PY) run_deepvoxels.py --config $(DEMO_CONFIG) --train_test test \
 		--data_root $(DEMO_DATA)/test/$(DEMO_OBJECT) --logging_root $(DEMO_LOGS) --checkpoint "$$checkpoint" \
@@ -81,7 +81,7 @@ demo: $(DEMO_STAMP)
 	$(PY) -c '$(DEMO_SUMMARY)' "$$renders/metrics.json"
 
 test: $(INSTALLED_DEV)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q
 
 clean:
 	rm -rf $(DEMO_DATA) $(DEMO_LOGS)

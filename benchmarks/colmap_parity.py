@@ -97,10 +97,11 @@ def split_converted(converted: str, out_root: str, obj: str) -> dict[str, str]:
 
 
 def train_and_test(train_root: str, test_root: str, logs: str, extra: Sequence[str]) -> dict:
+    import checkpoints
     import run_deepvoxels
     common = ["--logging_root", logs, "--val_every", "0", "--val_root", test_root, *extra]
     assert run_deepvoxels.main(["--train_test", "train", "--data_root", train_root, *common]) == 0
-    ckpt = run_deepvoxels.newest_checkpoint(logs)
+    ckpt = checkpoints.newest_checkpoint(logs)
     assert run_deepvoxels.main(["--train_test", "test", "--data_root", test_root, "--checkpoint", ckpt,
                                 *common]) == 0
     (metrics,) = glob.glob(os.path.join(logs, "test_traj", "*", "*", "metrics.json"))

@@ -36,7 +36,8 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $RESULTS
 # Parity with the original's arrays, bit-identical memory savers, fused optimizer step and the command line
 # (train, validation, test) on the GPU.
 part tests_cuda 240 env DEEPVOXELS_TEST_DEVICE="$DEVICE" "$PYTHON" -m pytest -q -p no:cacheprovider -rfE \
-    tests/test_reference.py tests/test_memory.py tests/test_evaluation.py tests/test_geometry.py tests/test_precision.py
+    tests/test_reference.py tests/test_performance.py tests/test_evaluation.py tests/test_geometry.py \
+    tests/test_precision.py
 
 bench() {  # bench NAME FLAGS...
     local name=$1

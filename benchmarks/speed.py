@@ -4,24 +4,23 @@
     .venv/bin/python benchmarks/speed.py --iters 3 --warmup 1            # default (512 px) setting
     .venv/bin/python benchmarks/speed.py --iters 3 --amp bf16
 
-It runs exactly the code that training and testing run: ``run_deepvoxels.Trainer.step`` (forward with the
-input view, 2 target views, L1 + GAN losses, D step, G step) and ``run_deepvoxels.render_poses`` (inpaint
-once, batched views). Inputs are synthetic: the 6 reference poses (../shared/reference/pose_*.txt with
-small_intrinsics.txt) and seeded random images. Train and test each run in their own subprocess, so that
-each peak is its own. The last line printed is one JSON object.
+It runs exactly the code that training and testing run: ``run_deepvoxels.train_step`` on what
+``run_deepvoxels.build_training`` builds, both networks in train mode (forward with the input view, 2 target
+views, L1 + GAN losses, D step, G step), and ``evaluation.render_poses`` on a model set up as test mode sets
+it up (inpaint once, batched views). Inputs are synthetic: the 6 reference poses
+(../shared/reference/pose_*.txt with small_intrinsics.txt) and seeded random images. Train and test each
+run in their own subprocess, so that each peak is its own. The last line printed is one JSON object.
 
 Definitions (as in the original's timings, ../shared/reference/timings_original_cpu.md):
-* train s/iter: median wall time of ``Trainer.step`` after ``--warmup`` untimed steps. Lifting and
-  projection indices come from ``MappingCache`` (training sees every pose again each epoch); their one-off
-  cost per pose is reported separately as ``mapping_s_per_pose``.
+* train s/iter: median wall time of ``train_step`` after ``--warmup`` untimed steps. Lifting and
+  projection indices come from ``projection.IndexCache`` (training sees every pose again each epoch); their
+  one-off cost per pose is reported separately as ``mapping_s_per_pose``.
 * peak memory: the largest resident set size (VmHWM on Linux; on CUDA, max allocated) during the timed
-  iterations; the count restarts after the warm-up, which includes the FLOP count. On CPU the pool allocator
-  (cpu_allocator.py) is installed where training would install it (``--cpu_allocator``), and its budget
-  restarts there too.
+  iterations; the count restarts after the warm-up, which includes the FLOP count.
 * FLOPs: counted over one step, including what the backward pass recomputes (the memory savers, see
   ``run_deepvoxels.py --save_memory``), so GFLOP/s is the work the machine actually did.
 * test s/view: median over ``--iters`` passes of (wall time of rendering all 6 poses) / 6, each pass with a
-  fresh ``MappingCache``, so it includes the projection indices and the once-per-pass inpainting, like the
+  fresh ``IndexCache``, so it includes the projection indices and the once-per-pass inpainting, like the
   span the original's ``test()`` timed.
 """
 from __future__ import annotations
@@ -50,7 +49,7 @@ GIGA = 1e9
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    # Model flags: passed through to run_deepvoxels.build_parser(), same names and defaults.
+    # Model flags: passed through to options.parse_args(), same names and defaults.
     p.add_argument("--img_sidelength", type=int, default=512, help="image side in pixels")
     p.add_argument("--grid_dim", type=int, default=32, help="voxels per grid side")
     p.add_argument("--num_grid_feats", type=int, default=64, help="features per voxel")
@@ -61,9 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tf32", action="store_true", help="CUDA: TF32 tensor cores for float32 (run_deepvoxels --tf32)")
     p.add_argument("--save_memory", action="store_true",
                    help="turn the training-memory savers on (run_deepvoxels --save_memory)")
-    p.add_argument("--cpu_allocator", choices=("auto", "pool", "system"), default="auto",
-                   help="CPU runs: the budgeted pool (cpu_allocator.py), the C library's malloc, or auto (as "
-                        "run_deepvoxels: the pool from 512 px up)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--view_batch", type=int, default=8, help="views per forward in test rendering (run_deepvoxels default)")
     # Benchmark flags.
@@ -74,20 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="torch.set_num_threads (0: torch's default). On a shared machine 1 thread is far steadier")
     p.add_argument("--save", default="", help="also write the final JSON to this file")
-    p.add_argument("--pool_margin_mb", type=int, default=None,
-                   help="--cpu_allocator pool: cache allowed above the peak live total (default: the pool's)")
     p.add_argument("--child", choices=("train", "test"), default=None, help=argparse.SUPPRESS)
     return p
 
 
 def model_options(args: argparse.Namespace, logging_root: str) -> Any:
     """The run_deepvoxels options for ``args``, resolved by its own parser (so every default is the same)."""
-    import run_deepvoxels
+    import options
     argv = ["--train_test", "train", "--data_root", REFERENCE_DIR, "--logging_root", logging_root,
             "--img_sidelength", str(args.img_sidelength), "--grid_dim", str(args.grid_dim),
             "--num_grid_feats", str(args.num_grid_feats), "--nf0", str(args.nf0), "--amp", args.amp,
-            "--device", args.device, "--view_batch", str(args.view_batch), "--seed", str(args.seed),
-            "--cpu_allocator", args.cpu_allocator]
+            "--device", args.device, "--view_batch", str(args.view_batch), "--seed", str(args.seed)]
     if args.no_occlusion_net:
         argv.append("--no_occlusion_net")
     if args.compile:
@@ -96,7 +89,7 @@ def model_options(args: argparse.Namespace, logging_root: str) -> Any:
         argv.append("--save_memory")
     if args.tf32:
         argv.append("--tf32")
-    return run_deepvoxels.parse_args(argv)
+    return options.parse_args(argv)
 
 
 def load_poses() -> list:
@@ -173,14 +166,16 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    import cpu_allocator
     import run_deepvoxels
     import util
+    from projection import IndexCache
     opt, device, geometry = _setup(args)
-    trainer = run_deepvoxels.Trainer(opt, device)
-    trainer.train_mode()
+    model, discriminator = run_deepvoxels.build_networks(opt, device)
+    training = run_deepvoxels.build_training(opt, device, model, discriminator)
+    model.train()  # as run_deepvoxels.train sets both before its loop
+    discriminator.train()
     rss_after_build = peak_rss_mb()
-    mappings = run_deepvoxels.MappingCache(geometry, device)
+    mappings = IndexCache(geometry, device)
     poses = load_poses()
     t0 = time.perf_counter()
     for pose in poses:
@@ -194,20 +189,19 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     def step(i: int):
         # A triplet as NovelViewTriplets makes one: the input view and 2 other target views.
         near, trgt = i % NUM_POSES, [(i + 1) % NUM_POSES, (i + 2) % NUM_POSES]
-        return trainer.step(images[near], mappings.lift(poses[near]), [mappings.project(poses[t]) for t in trgt],
-                            [images[t] for t in trgt])
+        return run_deepvoxels.train_step(training, images[near], mappings.lift(poses[near]),
+                                         [mappings.project(poses[t]) for t in trgt], [images[t] for t in trgt])
 
     flops = None
     times = []
     for i in range(args.warmup + args.iters):
-        if i == 0 and not args.compile:
+        if i == 0 and args.warmup and not args.compile:
             t0 = time.perf_counter()
             _, flops = count_flops(lambda: step(i))  # the first warm-up step doubles as the FLOP count
             synchronize(device)
             warm_s = time.perf_counter() - t0
             continue
         if i == args.warmup:
-            cpu_allocator.restart_budget()  # the pool's cache follows the timed steps' peak, not the warm-up's
             reset_peak_rss()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -226,31 +220,37 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             "train_rss_after_build_mb": rss_after_build, "train_peak_rss_mb": peak_mb,
             "train_process_peak_rss_mb": process_peak_rss_mb(),
             "train_cuda_peak_mb": cuda_mb,
-            "generator_params": util.count_parameters(trainer.model)}
+            "generator_params": util.count_parameters(model)}
 
 
 def run_test(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    import cpu_allocator
+    import checkpoints
+    import performance
     import run_deepvoxels
-    import util
+    from evaluation import render_poses
+    from projection import IndexCache
     opt, device, geometry = _setup(args)
-    model = run_deepvoxels.build_model(opt).to(device)
+    model, _ = run_deepvoxels.build_networks(opt, device)
     small = (opt.img_sidelength, opt.grid_dim, opt.num_grid_feats, opt.nf0, opt.no_occlusion_net) == (
         128, 16, 8, 8, False)
     if small:  # the trained reference checkpoint: a grid and BatchNorm statistics that are not trivial
-        model.load_state_dict(util.load_checkpoint(os.path.join(REFERENCE_DIR, "small_ckpt.pth"))["model"])
+        path = os.path.join(REFERENCE_DIR, "small_ckpt.pth")
+        checkpoints.load_weights(path, checkpoints.load(path), model)
     else:
         model.deepvoxels.normal_(0.0, 0.1)
-    model.eval()
+    # As run_deepvoxels.test sets up a model built from a checkpoint.
+    performance.enable(model, performance.choose(device, opt.img_sidelength, compiled=opt.compile))
     if opt.compile:
-        run_deepvoxels.compile_networks(model)
+        performance.compile_networks(model)
+    model.eval()
+    autocast = run_deepvoxels.amp_context(opt.amp, device)
     poses = load_poses()
 
     def render_all() -> list:
-        mappings = run_deepvoxels.MappingCache(geometry, device)  # fresh: a test run sees each pose once
-        out = [img for _, img, _ in run_deepvoxels.render_poses(model, mappings, poses, opt.view_batch, opt, device)]
+        mappings = IndexCache(geometry, device)  # fresh: a test run sees each pose once
+        out = [img for _, img, _ in render_poses(model, mappings, poses, opt.view_batch, autocast)]
         synchronize(device)
         return out
 
@@ -258,12 +258,11 @@ def run_test(args: argparse.Namespace) -> dict[str, Any]:
     times = []
     for i in range(args.warmup + args.iters):
         if i == args.warmup:
-            cpu_allocator.restart_budget()
             reset_peak_rss()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        if i == 0 and not args.compile:
+        if i == 0 and args.warmup and not args.compile:
             _, flops = count_flops(render_all)
         else:
             render_all()
@@ -352,17 +351,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child is not None:
-        import cpu_allocator
-        import util
-        pooled = cpu_allocator.wanted(args.cpu_allocator, util.resolve_device(args.device).type,
-                                      args.img_sidelength)
-        margin = cpu_allocator.DEFAULT_MARGIN_MB if args.pool_margin_mb is None else args.pool_margin_mb
-        with cpu_allocator.cpu_pool(pooled, margin) as in_use:
-            result = run_train(args) if args.child == "train" else run_test(args)
-            pool = cpu_allocator.stats() if in_use else None
-        if pool is not None:
-            result[f"{args.child}_pool"] = {"peak_live_mb": pool.peak_live_bytes / 2 ** 20, "hits": pool.hits,
-                                            "misses": pool.misses, "margin_mb": margin}
+        result = run_train(args) if args.child == "train" else run_test(args)
         print(json.dumps(result))
         return 0
 
@@ -376,7 +365,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"machine: {machine_name()}")
     print(f"config: img {args.img_sidelength}, grid {args.grid_dim}, feats {args.num_grid_feats}, nf0 {args.nf0}, "
           f"occlusion net {not args.no_occlusion_net}, amp {args.amp}, tf32 {args.tf32}, compile {args.compile}, "
-          f"save_memory {args.save_memory}, cpu_allocator {args.cpu_allocator}, "
+          f"save_memory {args.save_memory}, "
           f"view_batch {args.view_batch}, {args.iters} timed after {args.warmup} warm-up")
     print(f"matmul peak: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s")
     if "train_times" in res:
@@ -389,10 +378,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     summary: dict[str, Any] = {"config": {k: getattr(args, k) for k in (
         "img_sidelength", "grid_dim", "num_grid_feats", "nf0", "no_occlusion_net", "amp", "tf32", "compile", "view_batch",
-        "save_memory", "cpu_allocator", "iters", "warmup")}}
+        "save_memory", "iters", "warmup")}}
     summary["peak_rss_mb"] = max(res.get("train_peak_rss_mb", 0.0), res.get("test_peak_rss_mb", 0.0))
     for key in ("train_s_per_iter", "test_s_per_view", "train_peak_rss_mb", "test_peak_rss_mb",
-                "train_process_peak_rss_mb", "train_pool", "test_pool"):
+                "train_process_peak_rss_mb"):
         if key in res:
             summary[key] = res[key]
     if "train_s_per_iter" in res:
