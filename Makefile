@@ -36,7 +36,7 @@ DEMO_FLAGS ?=
 .PHONY: help install demo test clean
 
 help:
-	@echo "make demo    train and test DeepVoxels on a synthetic scene (CPU, ~10 min on 2 cores)"
+	@echo "make demo    train and test DeepVoxels on a synthetic scene (CPU; time and score: docs/performance.md)"
 	@echo "make test    run the test suite"
 	@echo "make clean   remove $(DEMO_DATA) and $(DEMO_LOGS)"
 
