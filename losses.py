@@ -5,13 +5,13 @@ import torch
 from torch import nn
 
 from pytorch_prototyping import ReflectionPad2d
+from pytorch_prototyping.blocks import LEAKY_SLOPE
 from pytorch_prototyping.norm import BatchNorm2d
 
 GAN_EPS = 1e-9  # keeps log() finite when the discriminator saturates
 DISCRIMINATOR_NDF = 28  # filters in the discriminator's first layer (original default)
 DISCRIMINATOR_LAYERS = 3
 DISCRIMINATOR_DROPOUT = 0.5
-LEAKY_SLOPE = 0.2
 
 
 class GANLoss(nn.Module):

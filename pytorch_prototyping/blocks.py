@@ -18,7 +18,7 @@ from torch import nn
 
 from pytorch_prototyping.norm import BatchNorm2d, BatchNorm3d
 
-LEAKY_SLOPE = 0.2  # negative slope of every LeakyReLU in the down paths
+LEAKY_SLOPE = 0.2  # negative slope of every LeakyReLU (the down paths and the PatchGAN discriminator)
 POST_CONV_DROPOUT = 0.1  # the original hard-codes this probability after an UpBlock's second convolution
 
 
