@@ -24,6 +24,11 @@ def _uses_accurate_statistics(x: torch.Tensor, batch_stats: bool) -> bool:
             and x.dim() > 2 and not x.is_contiguous())
 
 
+def _channel_shape(x: torch.Tensor) -> list[int]:
+    """Shape that broadcasts a per-channel vector over ``x`` (B, C, ...)."""
+    return [1, -1] + [1] * (x.dim() - 2)
+
+
 class _BatchStatisticsNorm(torch.autograd.Function):
     """``(x - mean) / sqrt(var + eps) * weight + bias`` with per-channel batch statistics."""
 
@@ -43,7 +48,7 @@ class _BatchStatisticsNorm(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor, _grad_mean, _grad_var):
         x, weight, mean, invstd = ctx.saved_tensors
         dims = [0, *range(2, x.dim())]
-        shape = [1, -1] + [1] * (x.dim() - 2)
+        shape = _channel_shape(x)
         count = x.numel() // x.shape[1]
         centred = x - mean.view(shape)
         sum_dy = grad.sum(dim=dims)
@@ -51,9 +56,9 @@ class _BatchStatisticsNorm(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             scale = invstd if weight is None else weight * invstd
-            # dx = scale * (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean)))
-            grad_x = centred.mul_((-(sum_dy_centred / count) * invstd * invstd).view(shape))
-            grad_x.add_(grad).sub_((sum_dy / count).view(shape)).mul_(scale.view(shape))
+            # dx = scale * (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean))), in place in `centred`
+            grad_x = centred.mul_((-scale * (sum_dy_centred / count) * invstd * invstd).view(shape))
+            grad_x.addcmul_(grad, scale.view(shape)).sub_((scale * (sum_dy / count)).view(shape))
         if weight is not None and ctx.needs_input_grad[1]:
             grad_weight = sum_dy_centred * invstd
         if ctx.needs_input_grad[2]:
