@@ -101,19 +101,26 @@ def save(path: str, payload: Mapping[str, Any]) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         tmp = None
-    except OSError as err:
-        if getattr(err, "errno", None) in _NO_SPACE or "No space left" in str(err):
-            raise CheckpointError(f"checkpoint {path}: no space left on the device; nothing was written and "
-                                  "earlier checkpoints are kept") from None
-        raise
-    except RuntimeError as err:  # torch.save reports a failed write of its zip archive as a RuntimeError
-        if "No space left" in str(err) or "file write failed" in str(err):
+    except (OSError, RuntimeError) as err:
+        if _out_of_space(err):
             raise CheckpointError(f"checkpoint {path}: no space left on the device; nothing was written and "
                                   "earlier checkpoints are kept") from None
         raise
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _out_of_space(err: BaseException) -> bool:
+    """Whether ``err``, or an error it was raised while handling, is a full disk or quota. torch.save reports
+    the failed write of its archive as a RuntimeError raised while the OSError is handled."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _NO_SPACE:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def save_step(log_dir: str, epoch: int, step: int, payload: Mapping[str, Any], keep: int) -> str:
