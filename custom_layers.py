@@ -49,12 +49,10 @@ class FeatureExtractor(nn.Module):
         self.recompute_full_resolution = False
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        # Channels-last: oneDNN's convolutions are faster so on wide maps, and every layer keeps the layout.
-        x = img.contiguous(memory_format=torch.channels_last)
         downs = self.net[0].downs
         if not (self.recompute_full_resolution and isinstance(downs, nn.Sequential)):
-            return self.net(x)
-        return self.net[1](downs[1:](recompute_in_backward(downs[0], x)))
+            return self.net(img)
+        return self.net[1](downs[1:](recompute_in_backward(downs[0], img)))
 
 
 class RenderingNet(nn.Module):
@@ -91,11 +89,10 @@ class RenderingNet(nn.Module):
         self.recompute_full_resolution = False
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        x = features.contiguous(memory_format=torch.channels_last)  # see FeatureExtractor
         if not (self.recompute_full_resolution and self.num_upsampling > 0):
-            return self.net(x)
+            return self.net(features)
         unet, upsampling, tail = self.net[0], self.net[1].ups, self.net[2:]
-        x = upsampling[:-1](unet(x))
+        x = upsampling[:-1](unet(features))
         return recompute_in_backward(nn.Sequential(upsampling[-1], *tail), x)
 
 

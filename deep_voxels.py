@@ -126,11 +126,6 @@ class DeepVoxels(nn.Module):
         # Memory savers, off here; ``performance.enable`` switches them (they change no value).
         self.recompute_cheap_layers = False
         self.recompute_view_volume = False
-        # The 2D networks run channels-last (see FeatureExtractor); their convolution weights are stored so
-        # too, or every convolution and its backward would copy them into that layout. Values and state_dict
-        # are unchanged.
-        self.feature_extractor.to(memory_format=torch.channels_last)
-        self.rendering_net.to(memory_format=torch.channels_last)
 
     def integrate(self, input_img: torch.Tensor, lift_volume_idcs: torch.Tensor,
                   lift_img_coords: torch.Tensor) -> torch.Tensor:

@@ -54,5 +54,4 @@ class PatchDiscriminator(nn.Module):
         self.model = nn.Sequential(*layers)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        # Channels-last, like the generator's output: oneDNN is faster in it and needs no reorder.
-        return self.model(img.contiguous(memory_format=torch.channels_last))
+        return self.model(img)

@@ -15,6 +15,12 @@ so a test can run the same step with any of them off:
 * ``onednn_conv3d``: 3^3 convolutions on the CPU run through oneDNN in the channels-last layout, with the
   spatial axes reordered, and padded with zero channels where ATen would otherwise pick its slow im2col
   kernel (``OneDNNConv3d``).
+* ``channels_last_2d``: the 2D networks (feature extractor, rendering net, discriminator) keep their
+  convolution weights and activations channels-last (N, H, W, C).
+
+Which of these pay depends on the machine: on a GPU the savers' Python work is not hidden behind the
+arithmetic; on a CPU the layouts pay where oneDNN has AVX-512 kernels for them and cost copies where it has
+only AVX2 ones (``choose`` reads the CPU's flags; docs/performance.md has the A/B on both kinds).
 
 How cheap-layer recompute works: after each convolution the networks run a chain of cheap elementwise layers
 whose outputs autograd keeps, although they are quick functions of the convolution's output, which BatchNorm
@@ -25,6 +31,7 @@ replication pad's backward reads only the shape of its input, so for it nothing 
 from __future__ import annotations
 
 import contextlib
+import os
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
@@ -323,6 +330,33 @@ def recompute_in_backward(fn: Callable, *args: torch.Tensor, modules: Optional[n
 CHEAP_RECOMPUTE_MIN_SIDELENGTH = 256
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux names them (``avx2``, ``avx512f``, ``avx512_bf16``, ``amx_tile``...);
+    empty where /proc/cpuinfo is not readable."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_description() -> str:
+    """One line naming the CPU, its vector extensions, its cores and torch's threads, for benchmark tables."""
+    name = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            name = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), name)
+    except OSError:
+        pass
+    flags = cpu_flags()
+    vector = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags] or ["no AVX2"]
+    return f"{name}, {'/'.join(vector)}, {os.cpu_count()} cores, torch {torch.__version__} " \
+           f"with {torch.get_num_threads()} threads"
+
+
 @dataclass
 class FastPaths:
     recompute_cheap_layers: bool = False
@@ -331,6 +365,7 @@ class FastPaths:
     step_in_backward: bool = False
     fused_adam: bool = False
     onednn_conv3d: bool = False
+    channels_last_2d: bool = False
 
 
 def choose(device: torch.device, img_sidelength: int, save_memory: bool = False, distributed: bool = False,
@@ -340,6 +375,7 @@ def choose(device: torch.device, img_sidelength: int, save_memory: bool = False,
     step cannot run under DDP (which all-reduces gradients after the hooks) nor with fp16's loss scaler
     (which must see every gradient first); under torch.compile the compiler decides what is kept."""
     cpu = device.type == "cpu"
+    wide_vectors = cpu and "avx512f" in cpu_flags()
     return FastPaths(
         recompute_cheap_layers=not compiled and (save_memory or (cpu and img_sidelength >= CHEAP_RECOMPUTE_MIN_SIDELENGTH)),
         recompute_full_resolution=save_memory and not compiled,
@@ -347,11 +383,16 @@ def choose(device: torch.device, img_sidelength: int, save_memory: bool = False,
         step_in_backward=not distributed and not loss_scaling and (cpu or save_memory),
         fused_adam=device.type in ("cpu", "cuda"),
         onednn_conv3d=cpu,
+        channels_last_2d=not cpu or wide_vectors,
     )
 
 
-def enable(model: nn.Module, paths: FastPaths) -> None:
-    """Switch ``paths`` on a DeepVoxels model (and the others off). Parameters and state_dict are unchanged."""
+def enable(model: nn.Module, paths: FastPaths, discriminator: Optional[nn.Module] = None) -> None:
+    """Switch ``paths`` on a DeepVoxels model and its discriminator (and the others off). Parameters stay the
+    same objects with the same values, and the state_dict is unchanged."""
+    for net in (model.feature_extractor, model.rendering_net, discriminator):
+        if net is not None:
+            _set_2d_layout(net, paths.channels_last_2d)
     model.recompute_cheap_layers = paths.recompute_cheap_layers
     model.recompute_view_volume = paths.recompute_view_volume
     model.feature_extractor.recompute_full_resolution = paths.recompute_full_resolution
@@ -359,6 +400,20 @@ def enable(model: nn.Module, paths: FastPaths) -> None:
     for module in model.modules():
         if type(module) in (nn.Conv3d, OneDNNConv3d) and module.kernel_size == (3, 3, 3):
             module.__class__ = OneDNNConv3d if paths.onednn_conv3d else nn.Conv3d
+
+
+def _channels_last_input(_module: nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(memory_format=torch.channels_last),) + tuple(args[1:])
+
+
+def _set_2d_layout(net: nn.Module, channels_last: bool) -> None:
+    """Store ``net``'s 4-D weights channels-last (else every convolution and its backward would copy them into
+    the input's layout) and give it channels-last input; or put both back to (N, C, H, W)."""
+    hook = getattr(net, "_channels_last_hook", None)
+    if hook is not None:
+        hook.remove()
+    net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    net._channels_last_hook = net.register_forward_pre_hook(_channels_last_input) if channels_last else None
 
 
 def compile_networks(model: nn.Module, discriminator: Optional[nn.Module] = None) -> None:

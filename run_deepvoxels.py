@@ -116,7 +116,7 @@ def build_training(opt: Any, device: torch.device, model: DeepVoxels, discrimina
     if paths is None:
         paths = performance.choose(device, opt.img_sidelength, opt.save_memory, dist.enabled, opt.amp == "fp16",
                                    opt.compile)
-    performance.enable(model, paths)
+    performance.enable(model, paths, discriminator)
     if opt.compile:
         performance.compile_networks(model, discriminator)
     optimizer_g = performance.adam(model.parameters(), opt.lr, paths)

@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="torch.set_num_threads (0: torch's default). On a shared machine 1 thread is far steadier")
     p.add_argument("--save", default="", help="also write the final JSON to this file")
+    p.add_argument("--disable", nargs="*", default=[], metavar="PATH",
+                   help="fast paths (performance.FastPaths fields) to turn off, e.g. onednn_conv3d step_in_backward")
+    p.add_argument("--enable", nargs="*", default=[], metavar="PATH",
+                   help="fast paths to turn on whatever performance.choose says, e.g. channels_last_2d")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile the last timed step (and test pass) and print its N costliest operators")
     p.add_argument("--child", choices=("train", "test"), default=None, help=argparse.SUPPRESS)
     return p
 
@@ -112,6 +118,16 @@ def count_flops(fn: Callable[[], Any]) -> tuple[Any, float]:
     with counter:
         result = fn()
     return result, float(counter.get_total_flops())
+
+
+def print_profile(fn: Callable[[], Any], rows: int, what: str) -> None:
+    """Run ``fn`` once under torch.profiler and print its costliest operators by self time (to stderr, so that
+    the last line of stdout stays the JSON result)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    print(f"profile of one {what}:", file=sys.stderr)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows), file=sys.stderr)
 
 
 def reset_peak_rss() -> bool:
@@ -158,6 +174,16 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     device = util.resolve_device(opt.device)
     util.configure_backends(device, opt.tf32)  # as run_deepvoxels.main does
     util.seed_everything(opt.seed)
+    if args.disable or args.enable:
+        import dataclasses
+
+        import performance
+        unknown = set(args.disable + args.enable) - {f.name for f in dataclasses.fields(performance.FastPaths)}
+        if unknown:
+            raise SystemExit(f"error: --disable/--enable: no fast path named {sorted(unknown)}")
+        forced = {**{n: False for n in args.disable}, **{n: True for n in args.enable}}
+        choose = performance.choose
+        performance.choose = lambda *a, **k: dataclasses.replace(choose(*a, **k), **forced)
     geometry = run_deepvoxels.build_geometry(os.path.join(REFERENCE_DIR, "small_intrinsics.txt"), opt.grid_dim,
                                              opt.near_plane, device)
     return opt, device, geometry
@@ -213,6 +239,8 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     peak_mb, cuda_mb = peak_rss_mb(), cuda_peak_mb(device)
+    if args.profile:
+        print_profile(lambda: step(0), args.profile, "train step")
     if flops is None:
         _, flops = count_flops(lambda: step(0))
     return {"train_times": times, "train_s_per_iter": statistics.median(times), "train_warmup_s": warm_s,
@@ -270,6 +298,8 @@ def run_test(args: argparse.Namespace) -> dict[str, Any]:
         if i >= args.warmup:
             times.append(elapsed)
     peak_mb, cuda_mb = peak_rss_mb(), cuda_peak_mb(device)
+    if args.profile:
+        print_profile(render_all, args.profile, f"test pass over {len(poses)} views")
     if flops is None:
         _, flops = count_flops(render_all)
     return {"test_times": times, "test_s_per_view": statistics.median(times), "test_flops_per_view": flops / len(poses),

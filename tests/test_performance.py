@@ -241,6 +241,11 @@ def test_fast_path_defaults_by_device():
         assert not performance.choose(device, 512, save_memory=True, loss_scaling=True).step_in_backward
         assert plain.fused_adam
     assert performance.choose(cpu, 512).onednn_conv3d and not performance.choose(gpu, 512).onednn_conv3d
+    for flags, wide in ((frozenset({"avx2", "fma"}), False), (frozenset({"avx2", "avx512f"}), True)):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(performance, "cpu_flags", lambda flags=flags: flags)
+            assert performance.choose(cpu, 128).channels_last_2d is wide
+            assert performance.choose(gpu, 128).channels_last_2d
     compiled = performance.choose(cpu, 512, save_memory=True, compiled=True)
     assert not (compiled.recompute_cheap_layers or compiled.recompute_full_resolution or compiled.recompute_view_volume)
 
@@ -285,13 +290,39 @@ def test_onednn_threshold_is_where_aten_switches_kernels(channels, expect_slow):
         torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
 
 
-def test_2d_convolution_weights_are_stored_channels_last():
-    model = DeepVoxels(SIDE, [MAP, MAP], [MAP, MAP], [GRID] * 3, num_grid_feats=8, nf0=8)
-    weights = [p for net in (model.feature_extractor, model.rendering_net) for p in net.parameters() if p.dim() == 4]
+def test_channels_last_2d_switches_weights_and_inputs_and_back():
+    torch.manual_seed(0)
+    model = DeepVoxels(SIDE, [MAP, MAP], [MAP, MAP], [GRID] * 3, num_grid_feats=8, nf0=8).eval()
+    from losses import PatchDiscriminator
+    disc = PatchDiscriminator(input_nc=3).eval()
+    nets = (model.feature_extractor, model.rendering_net, disc)
+    params = [p for net in nets for p in net.parameters()]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    image = torch.rand(1, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(1)) - 0.5
+    with torch.no_grad():
+        plain = [model.feature_extractor(image), disc(image)]
+    seen = []
+    first = model.feature_extractor.net[0].downs[0]  # the first layer sees what the hook made of the input
+    first.register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+
+    performance.enable(model, FastPaths(channels_last_2d=True), disc)
+    weights = [p for net in nets for p in net.parameters() if p.dim() == 4]
     assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
-    # The checkpoint aliases of Conv2dSame still name the same parameters.
+    assert [p for net in nets for p in net.parameters()] == params  # the same objects: optimizers keep them
     same = [m for m in model.rendering_net.modules() if hasattr(m, "net") and hasattr(m, "weight")]
-    assert same and all(m.weight is m.net[1].weight for m in same)
+    assert same and all(m.weight is m.net[1].weight for m in same)  # Conv2dSame's checkpoint alias
+    with torch.no_grad():
+        fast = [model.feature_extractor(image), disc(image)]
+    assert seen[-1] is True
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+    performance.enable(model, FastPaths(), disc)
+    assert all(p.is_contiguous() for p in weights)
+    with torch.no_grad():
+        model.feature_extractor(image)
+    assert seen[-1] is False  # the hook is gone
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_pads_keep_the_input_dtype_under_autocast():

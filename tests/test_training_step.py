@@ -284,9 +284,18 @@ def _check_float32_step0(fixtures, fast):
     # per key (a faithful float32 step rounds differently but no worse than the original).
     # Floor: one float32 spacing at the key's largest value (the original's loss_l1 happens to sit 4.8e-9
     # from float64, 1/12 of the 6e-8 spacing at 0.79, closer than any float32 result can be counted on to).
+    # A total over the targets also carries each per-target term's own rounding, as the term enters it: one
+    # spacing of every term, times its weight (loss_g = mean of gan + L1_WEIGHT * l1, so l1 counts 100x).
+    terms = {"loss_g": (("gan", 0.5), ("l1", L1_WEIGHT / 2)), "loss_d": (("d", 0.5),), "loss_l1": (("l1", 1.0),),
+             "loss_gan": (("gan", 1.0),)}
+
+    def spacings(values) -> float:
+        return float(np.spacing(np.abs(np.asarray(values, dtype=np.float32))).sum())
+
     def allowed(key):
-        spacing = float(np.spacing(np.float32(np.abs(f64[f"{key}_0"]).max())))
-        return max(3 * _max_abs(f32[f"{key}_0"], f64[f"{key}_0"]), spacing)
+        floor = spacings(np.abs(f64[f"{key}_0"]).max())
+        floor += sum(w * spacings(f64[f"loss_{term}_per_target_0"]) for term, w in terms.get(key, ()))
+        return max(3 * _max_abs(f32[f"{key}_0"], f64[f"{key}_0"]), floor)
 
     for key, value in _losses_total(out).items():
         assert abs(value - float(f64[f"{key}_0"])) <= allowed(key), key
