@@ -390,9 +390,10 @@ def choose(device: torch.device, img_sidelength: int, save_memory: bool = False,
 def enable(model: nn.Module, paths: FastPaths, discriminator: Optional[nn.Module] = None) -> None:
     """Switch ``paths`` on a DeepVoxels model and its discriminator (and the others off). Parameters stay the
     same objects with the same values, and the state_dict is unchanged."""
-    for net in (model.feature_extractor, model.rendering_net, discriminator):
-        if net is not None:
-            _set_2d_layout(net, paths.channels_last_2d)
+    for net in (model.feature_extractor, model.rendering_net):
+        _set_2d_layout(net, paths.channels_last_2d)
+    if discriminator is not None:  # its weights keep their layout, as the channels-last path was measured
+        _set_2d_layout(discriminator, paths.channels_last_2d, weights=False)
     model.recompute_cheap_layers = paths.recompute_cheap_layers
     model.recompute_view_volume = paths.recompute_view_volume
     model.feature_extractor.recompute_full_resolution = paths.recompute_full_resolution
@@ -406,13 +407,14 @@ def _channels_last_input(_module: nn.Module, args: tuple) -> tuple:
     return (args[0].contiguous(memory_format=torch.channels_last),) + tuple(args[1:])
 
 
-def _set_2d_layout(net: nn.Module, channels_last: bool) -> None:
-    """Store ``net``'s 4-D weights channels-last (else every convolution and its backward would copy them into
-    the input's layout) and give it channels-last input; or put both back to (N, C, H, W)."""
+def _set_2d_layout(net: nn.Module, channels_last: bool, weights: bool = True) -> None:
+    """Give ``net`` channels-last input and store its 4-D weights so too (else every convolution and its
+    backward would copy them into the input's layout), or put both back to (N, C, H, W)."""
     hook = getattr(net, "_channels_last_hook", None)
     if hook is not None:
         hook.remove()
-    net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if weights:
+        net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     net._channels_last_hook = net.register_forward_pre_hook(_channels_last_input) if channels_last else None
 
 

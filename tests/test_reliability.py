@@ -127,11 +127,17 @@ def test_checkpoint_from_before_the_redesign_resumes(tmp_path, monkeypatch):
     """A step-2 checkpoint written by the code before the redesign (tests/fixtures/README.md) resumes, and its
     third step reproduces the sums of every tensor that the old code's own step 3 had, to the last bit.
 
-    The old code took BatchNorm's batch statistics from ATen's channels-last kernel, whose rounding differs
-    from the accurate statistics used since (pytorch_prototyping/norm.py); that kernel is used here, so that
-    any difference left would come from the resume itself."""
+    The old code ran the 2D networks channels-last on every CPU and took BatchNorm's batch statistics from
+    ATen's channels-last kernel, whose rounding differs from the accurate statistics used since
+    (pytorch_prototyping/norm.py); both are used here, so that any difference left would come from the
+    resume itself."""
+    import dataclasses
+
+    import performance
     from pytorch_prototyping import norm
     monkeypatch.setattr(norm, "_uses_accurate_statistics", lambda x, batch_stats: False)
+    choose = performance.choose
+    monkeypatch.setattr(performance, "choose", lambda *a, **k: dataclasses.replace(choose(*a, **k), channels_last_2d=True))
     root = tmp_path / "data"
     make_synthetic_dataset(str(root), "cube", resolution=128, num_train=6, num_val=2, num_test=2, seed=3)
     argv = ["--train_test", "train", "--data_root", str(root / "train" / "cube"), "--logging_root",
