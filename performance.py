@@ -357,6 +357,11 @@ def cpu_description() -> str:
            f"with {torch.get_num_threads()} threads"
 
 
+# Without AVX-512, oneDNN's channels-last 2D kernels beat its NCHW ones only for networks this narrow
+# (docs/performance.md, "The whole loop against the original, per CPU kind").
+CHANNELS_LAST_2D_MAX_NF0_AVX2 = 8
+
+
 @dataclass
 class FastPaths:
     recompute_cheap_layers: bool = False
@@ -369,11 +374,13 @@ class FastPaths:
 
 
 def choose(device: torch.device, img_sidelength: int, save_memory: bool = False, distributed: bool = False,
-           loss_scaling: bool = False, compiled: bool = False) -> FastPaths:
-    """The fast paths for a run. On a GPU the savers' Python work per layer and per parameter is not hidden
-    behind the arithmetic as on a CPU, so there they come only with ``--save_memory``. The parameter-wise
-    step cannot run under DDP (which all-reduces gradients after the hooks) nor with fp16's loss scaler
-    (which must see every gradient first); under torch.compile the compiler decides what is kept."""
+           loss_scaling: bool = False, compiled: bool = False, *, nf0: int = 64) -> FastPaths:
+    """The fast paths for a run (``nf0``: the width of the 2D U-Nets' outermost layers). On a GPU the savers'
+    Python work per layer and per parameter is not hidden behind the arithmetic as on a CPU, so there they
+    come only with ``--save_memory``. The parameter-wise step cannot run under DDP (which all-reduces
+    gradients after the hooks) nor with fp16's loss scaler (which must see every gradient first); under
+    torch.compile the compiler decides what is kept. Channels-last 2D networks pay on GPUs and with AVX-512;
+    with AVX2 only for the narrowest networks, whose NCHW kernels are slower still."""
     cpu = device.type == "cpu"
     wide_vectors = cpu and "avx512f" in cpu_flags()
     return FastPaths(
@@ -383,7 +390,7 @@ def choose(device: torch.device, img_sidelength: int, save_memory: bool = False,
         step_in_backward=not distributed and not loss_scaling and (cpu or save_memory),
         fused_adam=device.type in ("cpu", "cuda"),
         onednn_conv3d=cpu,
-        channels_last_2d=not cpu or wide_vectors,
+        channels_last_2d=not cpu or wide_vectors or nf0 <= CHANNELS_LAST_2D_MAX_NF0_AVX2,
     )
 
 

@@ -115,7 +115,7 @@ def build_training(opt: Any, device: torch.device, model: DeepVoxels, discrimina
     dist = dist or distributed.Context()
     if paths is None:
         paths = performance.choose(device, opt.img_sidelength, opt.save_memory, dist.enabled, opt.amp == "fp16",
-                                   opt.compile)
+                                   opt.compile, nf0=opt.nf0)
     performance.enable(model, paths, discriminator)
     if opt.compile:
         performance.compile_networks(model, discriminator)
@@ -376,7 +376,7 @@ def test(opt: Any, device: torch.device) -> dict[str, Any]:
     geometry = build_geometry(os.path.join(opt.data_root, "intrinsics.txt"), opt.grid_dim, opt.near_plane, device)
     model, _ = build_networks(opt, device)
     checkpoints.load_weights(opt.checkpoint, payload, model)
-    performance.enable(model, performance.choose(device, opt.img_sidelength, compiled=opt.compile))
+    performance.enable(model, performance.choose(device, opt.img_sidelength, compiled=opt.compile, nf0=opt.nf0))
     if opt.compile:
         performance.compile_networks(model)
     model.eval()
