@@ -126,6 +126,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # The closing summary says what was done; the importer's line-by-line account is for from_colmap.
+    logging.getLogger(colmap_import.__name__).setLevel(logging.WARNING)
     try:
         colmap_import.check_placement_flags(args)
         if not args.fps > 0:
@@ -153,6 +155,9 @@ def capture_to_dataset(args: argparse.Namespace, name: str, out: str) -> str:
         image_dir = os.path.join(work, "frames")
         sources = extract_frames(args.video, image_dir, args.fps)
         times["frames"] = time.perf_counter() - start
+        if len(sources) < MIN_IMAGES:
+            raise data_util.DataError(f"{args.video}: {len(sources)} frames at --fps {args.fps:g}; structure from "
+                                      f"motion needs at least {MIN_IMAGES} (raise --fps)")
         names = check_images(image_dir)
     else:
         image_dir = args.images

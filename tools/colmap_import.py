@@ -146,9 +146,9 @@ def _error(path: str, message: str) -> Exception:
 
 
 def quiet_pycolmap() -> None:
-    """COLMAP logs every step at INFO on stderr; keep its warnings and errors only."""
+    """COLMAP logs every step (and advice about threads and memory) on stderr; keep its errors only."""
     import pycolmap
-    pycolmap.logging.minloglevel = pycolmap.logging.WARNING
+    pycolmap.logging.minloglevel = pycolmap.logging.ERROR
 
 
 # ----------------------------------------------------------------------------- reading COLMAP models
