@@ -130,6 +130,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--nerf_object", default="cube", help="object written in the NeRF-synthetic format")
     parser.add_argument("--parts", nargs="+", choices=("capture", "nerf_synthetic"),
                         default=["capture", "nerf_synthetic"])
+    parser.add_argument("--no_training", action="store_true",
+                        help="stop after the datasets are written and the cameras compared (no training)")
     args, flags = parser.parse_known_args(argv)
     import data_util
     from tools import capture, colmap_import, nerf_synthetic, synthetic
@@ -167,6 +169,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         truth = os.path.join(args.out, "true_cameras")
         true_camera_dataset(views, photos, true_poses, args.photo_side, args.side, truth, "crate")
         print(json.dumps(results), flush=True)
+        if args.no_training:
+            return 0
         results["reconstructed"] = train_and_test(reconstructed, "crate", os.path.join(args.out, "logs_rec"), flags)
         print(json.dumps(results), flush=True)
         results["true_cameras"] = train_and_test(truth, "crate", os.path.join(args.out, "logs_true"), flags)
@@ -182,6 +186,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         converted = os.path.join(args.out, "nerf_converted")
         assert nerf_synthetic.main(["--scene", scene, "--out", converted, "--resolution", str(args.side)]) == 0
         stage["from_nerf_synthetic"] = time.perf_counter() - start
+        if args.no_training:
+            print(json.dumps(results), flush=True)
+            return 0
         results["nerf_synthetic"] = train_and_test(converted, args.nerf_object, os.path.join(args.out, "logs_nerf"),
                                                    flags)
     print(json.dumps(results), flush=True)

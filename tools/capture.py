@@ -90,7 +90,8 @@ def extract_frames(video: str, out_dir: str, fps: float) -> dict[str, str]:
             img = np.frombuffer(frame, dtype=np.uint8).reshape(height, width, 3)
             name = f"frame_{k:05d}.png"
             data_util.write_png(os.path.join(out_dir, name), img)
-            # ffmpeg's fps filter takes the frame nearest to each multiple of 1 / fps.
+            # ffmpeg's fps filter keeps one frame per 1 / fps seconds; the label is that time, to within one
+            # frame of the source (the filter rounds timestamps).
             sources[name] = f"{os.path.basename(video)}#t={k / fps:.3f}"
     except Exception as err:  # ffmpeg reports an undecodable file in several ways (IOError, RuntimeError, ...)
         raise data_util.DataError(f"{video}: cannot decode as a video ({data_util.one_line(err)})") from None
