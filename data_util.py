@@ -16,11 +16,14 @@ nearest-neighbour baseline) live in the tools/ package: ``python -m tools.datase
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import math
 import os
-from typing import Sequence, Union
+import shutil
+import tempfile
+from typing import Iterator, Sequence, Union
 
 import numpy as np
 
@@ -272,21 +275,42 @@ def _read_png(path: str) -> np.ndarray:
 
 
 def write_png(path: PathLike, img: np.ndarray) -> None:
-    """Write a uint8 or uint16 HxW (gray) or HxWx3 (RGB) image as PNG, losslessly."""
+    """Write a uint8 or uint16 HxW (gray), HxWx3 (RGB) or HxWx4 (RGBA) image as PNG, losslessly."""
     import png
     img = np.asarray(img)
     if img.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"write_png {os.fspath(path)}: expected uint8 or uint16, got {img.dtype}")
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[:, :, 0]
-    if not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 3)):
-        raise ValueError(f"write_png {os.fspath(path)}: expected HxW or HxWx3, got shape {img.shape}")
+    if not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] in (3, 4))):
+        raise ValueError(f"write_png {os.fspath(path)}: expected HxW, HxWx3 or HxWx4, got shape {img.shape}")
     height, width = img.shape[:2]
-    writer = png.Writer(width=width, height=height, greyscale=img.ndim == 2,
+    writer = png.Writer(width=width, height=height, greyscale=img.ndim == 2, alpha=img.ndim == 3 and img.shape[2] == 4,
                         bitdepth=16 if img.dtype == np.uint16 else 8)
     rows = img.reshape(height, -1)
     with open(path, "wb") as fh:
         writer.write(fh, (row.tolist() for row in rows))
+
+
+@contextlib.contextmanager
+def staged_folder(out: PathLike) -> Iterator[str]:
+    """Yield a fresh folder beside ``out`` to write into; on success it is renamed to ``out``, on any error it
+    is removed, so a failed command leaves nothing half-written. ``out`` must not exist (an empty folder is
+    replaced)."""
+    out = os.path.normpath(os.fspath(out))
+    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
+        raise DataError(f"{out}: already exists and is not empty; choose a fresh --out")
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+    try:
+        yield staging
+        if os.path.isdir(out):
+            os.rmdir(out)
+        os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def glob_imgs(directory: PathLike) -> list[str]:

@@ -125,16 +125,23 @@ class Validator:
 
 
 class ViewScorer:
-    """Test mode's per-view scores of a written 16-bit render: PSNR, SSIM, and LPIPS where available."""
+    """Test mode's per-view scores of a written 16-bit render: PSNR, SSIM, and LPIPS where available, on the
+    image without its border as DeepVoxels scored; given the whole render too, PSNR and SSIM of the whole image
+    (``psnr_uncropped``, ``ssim_uncropped``), as NeRF-synthetic results are reported."""
 
     def __init__(self) -> None:
         self.lpips = LpipsScorer()
 
-    def __call__(self, index: int, png: np.ndarray, item: dict) -> dict[str, Any]:
+    def __call__(self, index: int, png: np.ndarray, item: dict,
+                 uncropped_png: Optional[np.ndarray] = None) -> dict[str, Any]:
         pred, gt, p, s = score(png, item)
         row = {"view": index, "pose_file": os.path.basename(item["pose_path"]), "psnr": p, "ssim": s}
         if self.lpips.available:
             row["lpips"] = self.lpips(pred, gt)
+        if uncropped_png is not None:
+            whole = uncropped_png.astype(np.float64) / UINT16_MAX
+            whole_gt = item["gt_rgb"].numpy().transpose(1, 2, 0) + 0.5
+            row["psnr_uncropped"], row["ssim_uncropped"] = psnr(whole, whole_gt), ssim(whole, whole_gt)
         return row
 
 
@@ -144,7 +151,7 @@ def write_test_outputs(folder: str, items: list[dict], frames: list[np.ndarray],
     and a comparison strip where there are scores, and a video. Returns the video's path."""
     os.makedirs(os.path.join(folder, "depth"), exist_ok=True)
     write_depth_pngs(os.path.join(folder, "depth"), depths)
-    for key in ("psnr", "ssim", "lpips"):
+    for key in ("psnr", "ssim", "lpips", "psnr_uncropped", "ssim_uncropped"):
         if rows and key in rows[0]:
             summary[key] = float(np.mean([r[key] for r in rows]))
     write_metrics(folder, rows, summary)
@@ -157,7 +164,11 @@ def scores_line(summary: dict[str, Any], num_views: int) -> str:
     line = f"PSNR {summary['psnr']:.2f} dB  SSIM {summary['ssim']:.4f}"
     if "lpips" in summary:
         line += f"  LPIPS {summary['lpips']:.4f}"
-    return line + f"  over {num_views} views (metrics.csv, metrics.json)"
+    line += f"  over {num_views} views (metrics.csv, metrics.json)"
+    if "psnr_uncropped" in summary:
+        line += (f"\nuncropped (as NeRF-synthetic papers score): PSNR {summary['psnr_uncropped']:.2f} dB  "
+                 f"SSIM {summary['ssim_uncropped']:.4f}")
+    return line
 
 
 def write_depth_pngs(folder: str, depths: list[np.ndarray]) -> None:

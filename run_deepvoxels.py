@@ -396,7 +396,7 @@ def test(opt: Any, device: torch.device) -> dict[str, Any]:
         data_util.write_png(os.path.join(traj_dir, f"img_{i:05d}.png"), frames[-1])
         depths.append(depth.float().cpu().numpy().transpose(1, 2, 0))
         if scorer is not None:
-            rows.append(scorer(i, frames[-1], items[i]))
+            rows.append(scorer(i, frames[-1], items[i], uncropped_png=to_uint16(img)))
     summary = {"checkpoint": os.path.abspath(opt.checkpoint), "step": payload.get("step"), "num_views": len(items),
                "mean_forward_s": float(np.mean(timings)), "out_dir": traj_dir, "config": options.plain_config(opt)}
     video = write_test_outputs(traj_dir, items, frames, depths, rows, summary)

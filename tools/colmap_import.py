@@ -64,34 +64,14 @@ import itertools
 import logging
 import os
 import shutil
-import struct
-import subprocess
 import sys
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
 import data_util
 
 log = logging.getLogger(__name__)
-
-# COLMAP camera models, model id -> (name, number of parameters); the binary files store only ids.
-COLMAP_CAMERA_MODELS = {
-    0: ("SIMPLE_PINHOLE", 3),
-    1: ("PINHOLE", 4),
-    2: ("SIMPLE_RADIAL", 4),
-    3: ("RADIAL", 5),
-    4: ("OPENCV", 8),
-    5: ("OPENCV_FISHEYE", 8),
-    6: ("FULL_OPENCV", 12),
-    7: ("FOV", 5),
-    8: ("SIMPLE_RADIAL_FISHEYE", 4),
-    9: ("RADIAL_FISHEYE", 5),
-    10: ("THIN_PRISM_FISHEYE", 12),
-}
-PINHOLE_MODELS = ("SIMPLE_PINHOLE", "PINHOLE")
-
-MODEL_FILES = ("cameras", "images", "points3D")
 
 # COLMAP's triangulated points need two views; shorter tracks are noise when they appear at all.
 MIN_TRACK_LENGTH = 2
@@ -122,26 +102,31 @@ ALIGN_POINTS = 4000  # sparse points used to measure the object's extent while s
 DATASET_UP = np.array([0.0, 0.0, 1.0])  # world up of the built-in scenes and the camera path helpers
 # Cameras sharing an intrinsics.txt may differ by this fraction of the focal length (pixels).
 CAMERA_PARAM_TOLERANCE = 0.01
-INSTALL_HINT = ("install COLMAP (`apt-get install colmap`, or see https://colmap.github.io/install.html) "
-                "and make sure `colmap` is on PATH")
+# Structure from motion models the camera as one focal length, the principal point and one radial term,
+# shared by every image (one zoom setting); undistortion then yields the single PINHOLE DeepVoxels needs.
+SFM_CAMERA_MODEL = "SIMPLE_RADIAL"
 
 
 @dataclasses.dataclass
 class Camera:
-    """A COLMAP camera: model name, image size in pixels, COLMAP parameter vector."""
+    """A COLMAP camera: model name, image size, parameters, and its pinhole part (corner-origin pixels)."""
     camera_id: int
     model: str
     width: int
     height: int
     params: np.ndarray
+    fx: float
+    fy: float
+    cx: float
+    cy: float
+    pinhole: bool  # a perspective projection without distortion (PINHOLE, or any model with zero distortion)
 
 
 @dataclasses.dataclass
 class Image:
-    """A registered COLMAP image: world2cam = [R(qvec) | tvec], OpenCV camera axes."""
+    """A registered COLMAP image and its pose."""
     image_id: int
-    qvec: np.ndarray  # (4,) qw, qx, qy, qz
-    tvec: np.ndarray  # (3,)
+    cam2world: np.ndarray  # (4, 4) OpenCV camera (+x right, +y down, +z forward) -> COLMAP world
     camera_id: int
     name: str
 
@@ -149,211 +134,73 @@ class Image:
 @dataclasses.dataclass
 class SparseModel:
     cameras: dict
-    images: dict
+    images: dict  # registered images only
     points: np.ndarray  # (N, 3) world positions
     track_lengths: np.ndarray  # (N,) number of images that see each point
-    source: str  # model directory
-    files: dict  # "cameras" | "images" | "points3D" -> path, for messages
+    source: str  # model directory, for messages
+    mean_reprojection_error: float = float("nan")  # pixels
 
 
 def _error(path: str, message: str) -> Exception:
     return data_util.DataError(f"{path}: {message}")
 
 
-# ----------------------------------------------------------------------------- reading COLMAP
+def quiet_pycolmap() -> None:
+    """COLMAP logs every step (and advice about threads and memory) on stderr; keep its errors only."""
+    import pycolmap
+    pycolmap.logging.minloglevel = pycolmap.logging.ERROR
 
-def find_model_dir(colmap_dir: str) -> tuple[str, str]:
-    """Return (directory, "txt" | "bin") of the sparse model in colmap_dir or its only subfolder."""
+
+# ----------------------------------------------------------------------------- reading COLMAP models
+
+def find_model_dir(colmap_dir: str) -> str:
+    """The sparse model folder: colmap_dir itself or, as the mapper leaves it (sparse/0), its first subfolder
+    holding a model."""
     if not os.path.isdir(colmap_dir):
         raise _error(colmap_dir, "COLMAP model folder not found")
-    # `colmap mapper` writes sparse/0, sparse/1, ...: accept the parent too.
     candidates = [colmap_dir] + sorted(os.path.join(colmap_dir, d) for d in os.listdir(colmap_dir)
                                        if os.path.isdir(os.path.join(colmap_dir, d)))
     for directory in candidates:
-        for ext in ("txt", "bin"):
-            if any(os.path.isfile(os.path.join(directory, f"{name}.{ext}")) for name in MODEL_FILES):
-                return directory, ext
-    raise _error(colmap_dir, "no COLMAP model here: expected cameras.txt/images.txt/points3D.txt "
-                             "or cameras.bin/images.bin/points3D.bin")
+        if any(os.path.isfile(os.path.join(directory, f"cameras.{ext}")) for ext in ("bin", "txt")):
+            return directory
+    raise _error(colmap_dir, "no COLMAP model here: expected cameras, images and points3D files (.bin or .txt)")
 
 
 def read_model(colmap_dir: str) -> SparseModel:
-    """Read a COLMAP sparse model in text or binary form (auto-detected)."""
-    directory, ext = find_model_dir(colmap_dir)
-    paths = {name: os.path.join(directory, f"{name}.{ext}") for name in MODEL_FILES}
-    for path in paths.values():
-        if not os.path.isfile(path):
-            raise _error(path, "missing: a COLMAP model needs cameras, images and points3D files")
-    if ext == "txt":
-        cameras = _read_cameras_txt(paths["cameras"])
-        images = _read_images_txt(paths["images"])
-        points, tracks = _read_points_txt(paths["points3D"])
-    else:
-        cameras = _read_cameras_bin(paths["cameras"])
-        images = _read_images_bin(paths["images"])
-        points, tracks = _read_points_bin(paths["points3D"])
-    for image in images.values():
-        if image.camera_id not in cameras:
-            raise _error(paths["images"], f"image {image.name} uses camera {image.camera_id}, "
-                                          f"which {os.path.basename(paths['cameras'])} lacks")
+    """Read a COLMAP sparse model with pycolmap: binary or text, COLMAP 3.x (cameras, images, points3D) or
+    4.x (also rigs and frames) layout. Only registered images are kept."""
+    import pycolmap
+    directory = find_model_dir(colmap_dir)
+    reconstruction = pycolmap.Reconstruction()
+    try:
+        reconstruction.read(directory)
+    except (ValueError, RuntimeError) as err:  # pycolmap turns COLMAP's failed checks into these
+        raise _error(directory, f"not a readable COLMAP model ({data_util.one_line(err)})") from None
+    cameras = {}
+    for camera_id, camera in reconstruction.cameras.items():
+        params = np.asarray(camera.params, dtype=np.float64)
+        if not np.all(np.isfinite(params)) or camera.width <= 0 or camera.height <= 0:
+            raise _error(directory, f"camera {camera_id} has an invalid size or parameters")
+        pinhole = camera.is_undistorted() and "FISHEYE" not in camera.model.name
+        cameras[camera_id] = Camera(camera_id, camera.model.name, camera.width, camera.height, params,
+                                    camera.focal_length_x, camera.focal_length_y, camera.principal_point_x,
+                                    camera.principal_point_y, pinhole)
+    images = {}
+    for image_id in reconstruction.reg_image_ids():
+        image = reconstruction.image(image_id)
+        world2cam = np.eye(4)
+        world2cam[:3] = image.cam_from_world().matrix()
+        images[image_id] = Image(image_id, np.linalg.inv(world2cam), image.camera_id, image.name)
     if not images:
-        raise _error(paths["images"], "no registered images")
-    return SparseModel(cameras, images, points, tracks, directory, paths)
-
-
-def _text_lines(path: str) -> list[tuple[int, str]]:
-    """(line number, text) of every line but comments; empty lines kept (images.txt needs them)."""
-    with open(path, "r", encoding="utf-8") as f:
-        return [(i + 1, line.rstrip("\r\n")) for i, line in enumerate(f) if not line.startswith("#")]
-
-
-def _read_cameras_txt(path: str) -> dict:
-    cameras = {}
-    for number, line in _text_lines(path):
-        fields = line.split()
-        if not fields:
-            continue
-        try:  # CAMERA_ID MODEL WIDTH HEIGHT PARAMS...
-            camera = Camera(int(fields[0]), fields[1], int(fields[2]), int(fields[3]),
-                            np.array([float(v) for v in fields[4:]]))
-        except (ValueError, IndexError):
-            raise _error(path, f"line {number}: expected CAMERA_ID MODEL WIDTH HEIGHT PARAMS...") from None
-        cameras[camera.camera_id] = camera
-    return cameras
-
-
-def _read_images_txt(path: str) -> dict:
-    lines = _text_lines(path)
-    images = {}
-    i = 0
-    while i < len(lines):
-        number, header = lines[i]
-        if not header.strip():  # stray blank line between entries
-            i += 1
-            continue
-        # The next line lists the 2D observations; it may be empty but is always there.
-        i += 2
-        fields = header.split()
-        try:  # IMAGE_ID QW QX QY QZ TX TY TZ CAMERA_ID NAME
-            image = Image(int(fields[0]), np.array([float(v) for v in fields[1:5]]),
-                          np.array([float(v) for v in fields[5:8]]), int(fields[8]),
-                          " ".join(fields[9:]))
-        except (ValueError, IndexError):
-            raise _error(path, f"line {number}: expected IMAGE_ID QW QX QY QZ TX TY TZ CAMERA_ID NAME") from None
-        if not image.name:
-            raise _error(path, f"line {number}: image without a name")
-        images[image.image_id] = image
-    return images
-
-
-def _read_points_txt(path: str) -> tuple[np.ndarray, np.ndarray]:
-    points, tracks = [], []
-    for number, line in _text_lines(path):
-        fields = line.split()
-        if not fields:
-            continue
-        try:  # POINT3D_ID X Y Z R G B ERROR (IMAGE_ID POINT2D_IDX)...
-            points.append([float(v) for v in fields[1:4]])
-            if len(fields) < 8 or len(points[-1]) != 3:
-                raise ValueError
-        except ValueError:
-            raise _error(path, f"line {number}: expected POINT3D_ID X Y Z R G B ERROR TRACK...") from None
-        tracks.append((len(fields) - 8) // 2)
-    return np.array(points, dtype=np.float64).reshape(-1, 3), np.array(tracks, dtype=np.int64)
-
-
-class _BinaryReader:
-    """Sequential little-endian reads that name the file when it ends too early."""
-
-    def __init__(self, path: str):
-        self.path = path
-        with open(path, "rb") as f:
-            self.data = f.read()
-        self.offset = 0
-
-    def read(self, fmt: str) -> tuple:
-        size = struct.calcsize("<" + fmt)
-        if self.offset + size > len(self.data):
-            raise _error(self.path, f"truncated at byte {self.offset}")
-        values = struct.unpack_from("<" + fmt, self.data, self.offset)
-        self.offset += size
-        return values
-
-    def read_name(self) -> str:
-        end = self.data.find(b"\x00", self.offset)
-        if end < 0:
-            raise _error(self.path, f"truncated at byte {self.offset} (unterminated image name)")
-        name = self.data[self.offset:end].decode("utf-8")
-        self.offset = end + 1
-        return name
-
-    def skip(self, size: int) -> None:
-        if self.offset + size > len(self.data):
-            raise _error(self.path, f"truncated at byte {self.offset}")
-        self.offset += size
-
-
-def _read_cameras_bin(path: str) -> dict:
-    reader = _BinaryReader(path)
-    cameras = {}
-    (count,) = reader.read("Q")
-    for _ in range(count):
-        camera_id, model_id, width, height = reader.read("iiQQ")
-        if model_id not in COLMAP_CAMERA_MODELS:
-            raise _error(path, f"camera {camera_id} has unknown COLMAP model id {model_id}")
-        model, num_params = COLMAP_CAMERA_MODELS[model_id]
-        cameras[camera_id] = Camera(camera_id, model, width, height,
-                                    np.array(reader.read("d" * num_params)))
-    return cameras
-
-
-def _read_images_bin(path: str) -> dict:
-    reader = _BinaryReader(path)
-    images = {}
-    (count,) = reader.read("Q")
-    for _ in range(count):
-        values = reader.read("i7di")  # IMAGE_ID, qw qx qy qz, tx ty tz, CAMERA_ID
-        name = reader.read_name()
-        (num_points2d,) = reader.read("Q")
-        reader.skip(num_points2d * struct.calcsize("<ddq"))  # x, y, point3D_id each
-        images[values[0]] = Image(values[0], np.array(values[1:5]), np.array(values[5:8]),
-                                  values[8], name)
-    return images
-
-
-def _read_points_bin(path: str) -> tuple[np.ndarray, np.ndarray]:
-    reader = _BinaryReader(path)
-    (count,) = reader.read("Q")
-    points = np.empty((count, 3))
-    tracks = np.empty(count, dtype=np.int64)
-    for i in range(count):
-        values = reader.read("Q3d3Bd")  # POINT3D_ID, xyz, rgb, error
-        points[i] = values[1:4]
-        (tracks[i],) = reader.read("Q")
-        reader.skip(tracks[i] * struct.calcsize("<ii"))  # image_id, point2D_idx each
-    return points, tracks
+        raise _error(directory, "no registered images")
+    points3d = reconstruction.points3D
+    points = np.array([p.xyz for p in points3d.values()], dtype=np.float64).reshape(-1, 3)
+    tracks = np.array([p.track.length() for p in points3d.values()], dtype=np.int64)
+    return SparseModel(cameras, images, points, tracks, directory,
+                       float(reconstruction.compute_mean_reprojection_error()))
 
 
 # ----------------------------------------------------------------------------- geometry
-
-def quaternion_to_rotation(qvec: np.ndarray) -> np.ndarray:
-    """(4,) quaternion qw, qx, qy, qz (any norm) -> (3, 3) rotation matrix."""
-    w, x, y, z = np.asarray(qvec, dtype=np.float64) / np.linalg.norm(qvec)
-    return np.array([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
-        [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
-        [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
-    ])
-
-
-def image_cam2world(image: Image) -> np.ndarray:
-    """(4, 4) cam2world, OpenCV camera -> COLMAP world, from COLMAP's world2cam quaternion + t."""
-    rotation = quaternion_to_rotation(image.qvec)
-    cam2world = np.eye(4)
-    cam2world[:3, :3] = rotation.T
-    cam2world[:3, 3] = -rotation.T @ image.tvec
-    return cam2world
-
 
 def colmap_to_dataset(origin: np.ndarray, scale: float, rotation: Optional[np.ndarray] = None) -> np.ndarray:
     """(4, 4) similarity COLMAP world -> dataset world: x_dataset = rotation @ (x_colmap - origin) / scale,
@@ -549,23 +396,19 @@ def to_square(img: np.ndarray, side: int) -> np.ndarray:
 def shared_pinhole(model: SparseModel, max_focal_mismatch: float) -> tuple[Camera, float, float, float]:
     """The one pinhole camera every image uses -> (camera, f, cx, cy) in COLMAP pixels."""
     used = sorted({image.camera_id for image in model.images.values()})
-    cameras_path = model.files["cameras"]
     for camera_id in used:
+        if camera_id not in model.cameras:
+            raise _error(model.source, f"an image uses camera {camera_id}, which the model lacks")
         camera = model.cameras[camera_id]
-        if camera.model not in PINHOLE_MODELS:
-            raise _error(cameras_path, f"camera {camera_id} is {camera.model}; DeepVoxels needs an "
-                         "undistorted PINHOLE or SIMPLE_PINHOLE model: run `colmap image_undistorter` "
-                         "first, or put `colmap` on PATH and rerun to undistort automatically")
+        if not camera.pinhole:
+            raise _error(model.source, f"camera {camera_id} is {camera.model} with distortion; DeepVoxels needs an "
+                         "undistorted pinhole camera")
     params = []
     for camera_id in used:
         camera = model.cameras[camera_id]
-        if camera.model == "SIMPLE_PINHOLE":
-            f, cx, cy = camera.params
-            fx = fy = f
-        else:
-            fx, fy, cx, cy = camera.params
+        fx, fy, cx, cy = camera.fx, camera.fy, camera.cx, camera.cy
         if abs(fx - fy) > max_focal_mismatch * 0.5 * (fx + fy):
-            raise _error(cameras_path, f"camera {camera_id} has fx={fx:g} and fy={fy:g}, more than "
+            raise _error(model.source, f"camera {camera_id} has fx={fx:g} and fy={fy:g}, more than "
                          f"{100 * max_focal_mismatch:g}% apart; DeepVoxels has one focal length "
                          "(raise --max_focal_mismatch to average them)")
         params.append([0.5 * (fx + fy), cx, cy])
@@ -575,59 +418,79 @@ def shared_pinhole(model: SparseModel, max_focal_mismatch: float) -> tuple[Camer
         camera = model.cameras[camera_id]
         if (camera.width, camera.height) != (reference.width, reference.height) or \
                 np.abs(p - params[0]).max() > CAMERA_PARAM_TOLERANCE * params[0, 0]:
-            raise _error(cameras_path, f"cameras {used[0]} and {camera_id} differ; one intrinsics.txt "
-                         "needs one camera (reconstruct with --ImageReader.single_camera 1)")
+            raise _error(model.source, f"cameras {used[0]} and {camera_id} differ; one intrinsics.txt needs one "
+                         "camera (reconstruct with a single shared camera)")
     f, cx, cy = params.mean(axis=0)
     return reference, float(f), float(cx), float(cy)
 
 
-# ----------------------------------------------------------------------------- running COLMAP
+# ----------------------------------------------------------------------------- structure from motion (pycolmap)
 
-def _run(colmap: str, step: str, *args: str) -> None:
-    command = [colmap, step, *args]
-    log.info("running: %s", " ".join(command))
-    result = subprocess.run(command)
-    if result.returncode != 0:
-        raise data_util.DataError(f"{colmap} {step} failed with exit code {result.returncode}")
+def run_sfm(image_dir: str, work_dir: str, matching: str = "exhaustive",
+            image_names: Sequence[str] = ()) -> str:
+    """SIFT features, matching and incremental mapping of every image in image_dir, all through pycolmap, with
+    one shared SIMPLE_RADIAL camera. Returns the folder of the model with the most registered images.
 
-
-def _largest_model(sparse_dir: str) -> str:
-    """`colmap mapper` may split the scene: keep the sub-model with the most registered images."""
-    models = sorted(os.path.join(sparse_dir, d) for d in os.listdir(sparse_dir)) if os.path.isdir(sparse_dir) else []
-    models = [m for m in models if os.path.isdir(m)]
-    if not models:
-        raise _error(sparse_dir, "colmap mapper registered no images")
-    sizes = [len(read_model(m).images) for m in models]
-    if len(models) > 1:
-        log.info("colmap mapper made %d models with %s images; using %s", len(models), sizes,
-                 models[int(np.argmax(sizes))])
-    return models[int(np.argmax(sizes))]
-
-
-def undistort(colmap: str, model_dir: str, image_dir: str, work_dir: str) -> tuple[str, str]:
-    """Undistort into work_dir with COLMAP -> (text model dir, undistorted image dir)."""
-    out = os.path.join(work_dir, "undistorted")
-    _run(colmap, "image_undistorter", "--image_path", image_dir, "--input_path", model_dir,
-         "--output_path", out, "--output_type", "COLMAP")
-    sparse = os.path.join(out, "sparse")
-    _run(colmap, "model_converter", "--input_path", sparse, "--output_path", sparse,
-         "--output_type", "TXT")
-    return sparse, os.path.join(out, "images")
-
-
-def run_colmap(colmap: str, image_dir: str, work_dir: str) -> tuple[str, str]:
-    """Structure from motion on image_dir -> (undistorted text model dir, undistorted image dir)."""
+    matching: "exhaustive" (every pair: unordered photos, up to a few hundred) or "sequential" (each image
+    with its next neighbours by name: video frames). image_names: the images to use (default: every image
+    in image_dir and its subfolders).
+    """
+    import pycolmap
+    quiet_pycolmap()
+    pycolmap.set_random_seed(0)
     os.makedirs(work_dir, exist_ok=True)
     database = os.path.join(work_dir, "database.db")
+    reader = pycolmap.ImageReaderOptions()
+    reader.camera_model = SFM_CAMERA_MODEL
+    pycolmap.extract_features(database, image_dir, image_names=list(image_names),
+                              camera_mode=pycolmap.CameraMode.SINGLE, reader_options=reader, device=pycolmap.Device.cpu)
+    if matching == "sequential":
+        pairing = pycolmap.SequentialPairingOptions()
+        pycolmap.match_sequential(database, pairing_options=pairing, device=pycolmap.Device.cpu)
+    elif matching == "exhaustive":
+        pycolmap.match_exhaustive(database, device=pycolmap.Device.cpu)
+    else:
+        raise data_util.DataError(f"--matching {matching!r}: expected 'exhaustive' or 'sequential'")
     sparse = os.path.join(work_dir, "sparse")
     os.makedirs(sparse, exist_ok=True)
-    # One shared camera with one radial term: the undistorter then writes a PINHOLE with fx = fy.
-    _run(colmap, "feature_extractor", "--database_path", database, "--image_path", image_dir,
-         "--ImageReader.single_camera", "1", "--ImageReader.camera_model", "SIMPLE_RADIAL")
-    _run(colmap, "exhaustive_matcher", "--database_path", database)
-    _run(colmap, "mapper", "--database_path", database, "--image_path", image_dir,
-         "--output_path", sparse)
-    return undistort(colmap, _largest_model(sparse), image_dir, work_dir)
+    options = pycolmap.IncrementalPipelineOptions()
+    options.random_seed = 0
+    models = pycolmap.incremental_mapping(database, image_dir, sparse, options)
+    if not models:
+        raise _error(image_dir, "structure from motion registered no images (too little texture or overlap?)")
+    best = max(models, key=lambda k: models[k].num_reg_images())
+    if len(models) > 1:
+        log.info("structure from motion made %d models with %s images; using the largest", len(models),
+                 sorted((m.num_reg_images() for m in models.values()), reverse=True))
+    return os.path.join(sparse, str(best))
+
+
+def undistort(model_dir: str, image_dir: str, work_dir: str) -> tuple[str, str]:
+    """Undistort a model and its images to PINHOLE cameras with pycolmap -> (model dir, image dir)."""
+    import pycolmap
+    quiet_pycolmap()
+    out = os.path.join(work_dir, "undistorted")
+    os.makedirs(out, exist_ok=True)
+    try:
+        pycolmap.undistort_images(out, model_dir, image_dir, output_type="COLMAP")
+    except (ValueError, RuntimeError) as err:
+        raise _error(model_dir, f"undistortion failed ({data_util.one_line(err)})") from None
+    return os.path.join(out, "sparse"), os.path.join(out, "images")
+
+
+def pinhole_model(model_dir: str, image_dir: str, work_dir: str) -> tuple[SparseModel, str]:
+    """Read a model; when its cameras have distortion, undistort it (into work_dir) first.
+    Returns (pinhole model, folder of the images it names)."""
+    model = read_model(model_dir)
+    distorted = sorted({model.cameras[i.camera_id].model for i in model.images.values()
+                        if i.camera_id in model.cameras and not model.cameras[i.camera_id].pinhole})
+    if not distorted:
+        return model, image_dir
+    log.info("camera model %s has distortion; undistorting to PINHOLE", distorted[0])
+    undistorted_model, undistorted_images = undistort(model.source, image_dir, work_dir)
+    undistorted = read_model(undistorted_model)
+    undistorted.mean_reprojection_error = model.mean_reprojection_error
+    return undistorted, undistorted_images
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -635,13 +498,18 @@ def run_colmap(colmap: str, image_dir: str, work_dir: str) -> tuple[str, str]:
 def convert(model: SparseModel, image_dir: str, out_dir: str, resolution: Optional[int] = None,
             origin: Optional[Sequence[float]] = None, scale: Optional[float] = None,
             near_plane: Optional[float] = None, margin: float = 0.1, trim: float = 0.05,
-            max_focal_mismatch: float = 0.01, align: str = "object") -> dict:
-    """Write the DeepVoxels object folder out_dir from a COLMAP model; returns the chosen values.
+            max_focal_mismatch: float = 0.01, align: str = "object",
+            splits: Optional[Mapping[str, Sequence[int]]] = None,
+            sources: Optional[Mapping[str, str]] = None) -> dict:
+    """Write DeepVoxels object folders from a pinhole COLMAP model; returns the chosen values.
 
+    out_dir: the object folder; with ``splits`` ({relative folder: indices into the images sorted by name}),
+    the root under which each of those folders is written (e.g. "train/obj": [1, 2, ...]).
     origin, scale: grid centre and side in COLMAP world units (None: placed from the points).
     near_plane: in dataset units, grid side = 1 (None: nearest grid corner over all cameras).
     align: "object" turns the world so that the cameras' up is +z and the object sits square in the grid
     (``align_to_object``); "none" keeps COLMAP's axes.
+    sources: what source_images.txt says each image came from (default: its name in the model).
     """
     camera, f, cx, cy = shared_pinhole(model, max_focal_mismatch)
     row0, col0, side = crop_window(camera.height, camera.width)
@@ -653,13 +521,9 @@ def convert(model: SparseModel, image_dir: str, out_dir: str, resolution: Option
     for image in images:
         if not os.path.isfile(os.path.join(image_dir, image.name)):
             raise _error(os.path.join(image_dir, image.name), "image listed in the COLMAP model is missing")
-    for sub in ("rgb", "pose"):
-        existing = os.path.join(out_dir, sub)
-        if os.path.isdir(existing) and os.listdir(existing):
-            raise _error(existing, "not empty; choose a fresh --out")
 
     summary = {}
-    colmap_cam2worlds = np.stack([image_cam2world(image) for image in images])
+    colmap_cam2worlds = np.stack([image.cam2world for image in images])
     if align == "object":
         rotation, summary["align_how"] = align_to_object(colmap_cam2worlds, model.points, model.track_lengths,
                                                          trim, model.source)
@@ -685,32 +549,7 @@ def convert(model: SparseModel, image_dir: str, out_dir: str, resolution: Option
         raise data_util.DataError(f"grid side {scale} must be positive (points collapse to a point?)")
     transform = colmap_to_dataset(origin, scale, rotation)
     cam2worlds = np.stack([move_camera(transform, cam2world) for cam2world in colmap_cam2worlds])
-    auto_near, near_how = choose_near_plane(cam2worlds)
-    depths = grid_corner_depths(cam2worlds)
-    if near_plane is None:
-        near_plane = auto_near
-    else:
-        near_how = "--near_plane"
-        if near_plane > depths.min():
-            log.warning("--near_plane %.3f cuts into the grid (nearest corner at depth %.3f)",
-                        near_plane, depths.min())
-    far_end = near_plane + FRUSTUM_DEPTH_IN_GRID_SIDES
-    if depths.max() > far_end:
-        log.warning("for the farthest cameras the back of the grid (depth up to %.3f) lies beyond the last "
-                    "frustum plane (%.3f): cameras are at different distances; the back is mostly occluded",
-                    depths.max(), far_end)
-
-    os.makedirs(os.path.join(out_dir, "rgb"), exist_ok=True)
-    os.makedirs(os.path.join(out_dir, "pose"), exist_ok=True)
-    for index, (image, cam2world) in enumerate(zip(images, cam2worlds)):
-        path = os.path.join(image_dir, image.name)
-        img = data_util.read_image(path)
-        if img.shape[:2] != (camera.height, camera.width):
-            raise _error(path, f"is {img.shape[0]}x{img.shape[1]}, COLMAP says "
-                               f"{camera.height}x{camera.width}")
-        img = to_square(img, out_side)
-        data_util.write_png(os.path.join(out_dir, "rgb", f"{index:06d}.png"), img)
-        data_util.write_pose(os.path.join(out_dir, "pose", f"{index:06d}.txt"), cam2world)
+    near_plane, near_how, far_end = _near_plane(cam2worlds, near_plane)
 
     # In COLMAP's corner-origin pixels the crop is a shift and the resize a product; the final
     # shift moves to data_util's convention, where integer coordinates are pixel centres.
@@ -718,16 +557,24 @@ def convert(model: SparseModel, image_dir: str, out_dir: str, resolution: Option
     f_out = f * zoom
     cx_out = (cx - col0) * zoom - COLMAP_TO_CENTRE_PIXELS
     cy_out = (cy - row0) * zoom - COLMAP_TO_CENTRE_PIXELS
-    data_util.write_intrinsics(os.path.join(out_dir, "intrinsics.txt"), f_out, cx_out, cy_out,
-                               (0.0, 0.0, 0.0), near_plane, 1.0, out_side, out_side)
-    with open(os.path.join(out_dir, "source_images.txt"), "w", encoding="utf-8") as file:
-        file.writelines(f"{index:06d} {image.name}\n" for index, image in enumerate(images))
-    np.savetxt(os.path.join(out_dir, "world_transform.txt"), transform, fmt="%.17g")
 
-    centres = cam2worlds[:, :3, 3]
-    distances = np.linalg.norm(centres, axis=1)
+    def load(index: int) -> np.ndarray:
+        path = os.path.join(image_dir, images[index].name)
+        img = data_util.read_image(path)
+        if img.shape[:2] != (camera.height, camera.width):
+            raise _error(path, f"is {img.shape[0]}x{img.shape[1]}, COLMAP says {camera.height}x{camera.width}")
+        return to_square(img, out_side)
+
+    folders = {"": range(len(images))} if splits is None else splits
+    for folder, indices in folders.items():
+        write_object_folder(os.path.join(out_dir, folder), [load(i) for i in indices], cam2worlds[list(indices)],
+                            (f_out, cx_out, cy_out), near_plane, transform,
+                            [(sources or {}).get(images[i].name, images[i].name) for i in indices])
+
+    distances = np.linalg.norm(cam2worlds[:, :3, 3], axis=1)
     summary.update(origin=origin, scale=float(scale), near_plane=float(near_plane), near_how=near_how,
-                   f=f_out, cx=cx_out, cy=cy_out, side=out_side, num_images=len(images), rotation=rotation)
+                   f=f_out, cx=cx_out, cy=cy_out, side=out_side, num_images=len(images), rotation=rotation,
+                   transform=transform, names=[image.name for image in images])
     log.info("wrote %d images (%dx%d from %dx%d) to %s", len(images), out_side, out_side,
              camera.height, camera.width, out_dir)
     log.info("grid centre  %s (COLMAP units): %s", np.array2string(origin, precision=4), summary["origin_how"])
@@ -742,14 +589,49 @@ def convert(model: SparseModel, image_dir: str, out_dir: str, resolution: Option
     return summary
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m tools.dataset from_colmap",
-        description="Turn a COLMAP sparse model (text or binary) into a DeepVoxels object folder.")
-    parser.add_argument("--colmap_dir", help="COLMAP sparse model folder (cameras/images/points3D .txt "
-                        "or .bin); not needed with --run_colmap")
-    parser.add_argument("--images", required=True, help="folder holding the images the model names")
-    parser.add_argument("--out", required=True, help="object folder to write (rgb/, pose/, intrinsics.txt)")
+def _near_plane(cam2worlds: np.ndarray, near_plane: Optional[float]) -> tuple[float, str, float]:
+    """(near plane, how it was chosen, last frustum plane) in grid sides, with a warning for each camera
+    problem: an override cutting into the grid, the back of the grid beyond the frustum."""
+    auto_near, near_how = choose_near_plane(cam2worlds)
+    depths = grid_corner_depths(cam2worlds)
+    if near_plane is None:
+        near_plane = auto_near
+    else:
+        near_how = "--near_plane"
+        if near_plane > depths.min():
+            log.warning("--near_plane %.3f cuts into the grid (nearest corner at depth %.3f)",
+                        near_plane, depths.min())
+    far_end = near_plane + FRUSTUM_DEPTH_IN_GRID_SIDES
+    if depths.max() > far_end:
+        log.warning("for the farthest cameras the back of the grid (depth up to %.3f) lies beyond the last "
+                    "frustum plane (%.3f): cameras are at different distances; the back is mostly occluded",
+                    depths.max(), far_end)
+    return float(near_plane), near_how, far_end
+
+
+def write_object_folder(folder: str, images: Sequence[np.ndarray], cam2worlds: np.ndarray,
+                        intrinsics: tuple[float, float, float], near_plane: float, transform: np.ndarray,
+                        sources: Sequence[str]) -> None:
+    """One DeepVoxels object folder: rgb/%06d.png (square, the training side), pose/%06d.txt (cam2world in the
+    dataset world), intrinsics.txt (f, cx, cy in pixel-centre coordinates; grid at 0 with side 1), and two files
+    the loader ignores: source_images.txt (index, the photo or frame it came from) and world_transform.txt
+    ((4, 4) similarity, source world -> dataset world)."""
+    os.makedirs(os.path.join(folder, "rgb"), exist_ok=True)
+    os.makedirs(os.path.join(folder, "pose"), exist_ok=True)
+    for index, (img, cam2world) in enumerate(zip(images, cam2worlds)):
+        data_util.write_png(os.path.join(folder, "rgb", f"{index:06d}.png"), img)
+        data_util.write_pose(os.path.join(folder, "pose", f"{index:06d}.txt"), cam2world)
+    side = images[0].shape[0] if len(images) else 0
+    f, cx, cy = intrinsics
+    data_util.write_intrinsics(os.path.join(folder, "intrinsics.txt"), f, cx, cy, (0.0, 0.0, 0.0), near_plane, 1.0,
+                               side, side)
+    with open(os.path.join(folder, "source_images.txt"), "w", encoding="utf-8") as file:
+        file.writelines(f"{index:06d} {name}\n" for index, name in enumerate(sources))
+    np.savetxt(os.path.join(folder, "world_transform.txt"), transform, fmt="%.17g")
+
+
+def add_placement_flags(parser: argparse.ArgumentParser) -> None:
+    """The grid-placement and image flags shared by from_colmap and from_capture."""
     parser.add_argument("--resolution", type=int, default=None,
                         help="side of the written square images in pixels (default: crop side, no resize)")
     parser.add_argument("--origin", type=float, nargs=3, metavar=("X", "Y", "Z"), default=None,
@@ -768,9 +650,33 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fraction of sparse points dropped at each end of every axis")
     parser.add_argument("--max_focal_mismatch", type=float, default=0.01,
                         help="largest relative fx/fy difference averaged into one focal length")
-    parser.add_argument("--run_colmap", action="store_true",
-                        help="run COLMAP (features, matching, mapper, undistortion) on --images first; "
-                             "its work folder is OUT/colmap")
+
+
+def check_placement_flags(args: argparse.Namespace) -> None:
+    if not 0 <= args.trim < 0.5:
+        raise data_util.DataError(f"--trim {args.trim} must lie in [0, 0.5)")
+    if args.margin < 0:
+        raise data_util.DataError(f"--margin {args.margin} must not be negative")
+    if args.resolution is not None and args.resolution < 1:
+        raise data_util.DataError(f"--resolution {args.resolution}: expected a positive number of pixels")
+
+
+def placement_kwargs(args: argparse.Namespace) -> dict:
+    return dict(resolution=args.resolution, origin=args.origin, scale=args.scale, near_plane=args.near_plane,
+                margin=args.margin, trim=args.trim, max_focal_mismatch=args.max_focal_mismatch, align=args.align)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.dataset from_colmap",
+        description="Turn an existing COLMAP sparse model (text or binary, COLMAP 3.x or 4.x, read with pycolmap) "
+                    "into one DeepVoxels object folder. Distorted cameras are undistorted with pycolmap. To "
+                    "reconstruct photos or a video first, use `python -m tools.dataset from_capture`.")
+    parser.add_argument("--colmap_dir", required=True,
+                        help="COLMAP sparse model folder (cameras, images, points3D as .bin or .txt), or its parent")
+    parser.add_argument("--images", required=True, help="folder holding the images the model names")
+    parser.add_argument("--out", required=True, help="object folder to write (must not exist yet)")
+    add_placement_flags(parser)
     return parser
 
 
@@ -780,31 +686,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        if not 0 <= args.trim < 0.5:
-            raise data_util.DataError(f"--trim {args.trim} must lie in [0, 0.5)")
-        if args.margin < 0:
-            raise data_util.DataError(f"--margin {args.margin} must not be negative")
+        check_placement_flags(args)
         if not os.path.isdir(args.images):
             raise _error(args.images, "image folder not found")
-        colmap = shutil.which("colmap")
-        work_dir = os.path.join(args.out, "colmap")
-        model_dir, image_dir = args.colmap_dir, args.images
-        if args.run_colmap:
-            if colmap is None:
-                raise data_util.DataError(f"--run_colmap needs the `colmap` executable: {INSTALL_HINT}")
-            model_dir, image_dir = run_colmap(colmap, args.images, work_dir)
-        elif model_dir is None:
-            raise data_util.DataError("give --colmap_dir (a COLMAP sparse model) or --run_colmap")
-        model = read_model(model_dir)
-        distorted = sorted({model.cameras[i.camera_id].model for i in model.images.values()}
-                           - set(PINHOLE_MODELS))
-        if distorted and colmap is not None:
-            log.info("camera model %s has distortion; undistorting with %s", distorted[0], colmap)
-            model_dir, image_dir = undistort(colmap, model.source, image_dir, work_dir)
-            model = read_model(model_dir)
-        convert(model, image_dir, args.out, resolution=args.resolution, origin=args.origin,
-                scale=args.scale, near_plane=args.near_plane, margin=args.margin, trim=args.trim,
-                max_focal_mismatch=args.max_focal_mismatch, align=args.align)
+        with data_util.staged_folder(args.out) as staging:
+            work_dir = os.path.join(staging, ".work")
+            model, image_dir = pinhole_model(args.colmap_dir, args.images, work_dir)
+            convert(model, image_dir, staging, **placement_kwargs(args))
+            shutil.rmtree(work_dir, ignore_errors=True)
     except (data_util.DataError, OSError) as err:
         print(f"error: {data_util.one_line(err)}", file=sys.stderr)
         return 2

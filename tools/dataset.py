@@ -4,7 +4,9 @@
     spiral        write test poses on the original's Archimedean spiral
     interpolate   write a test trajectory interpolating training poses, as the original did
     nn_baseline   score the nearest training view for each test view (tools/nn_baseline.py)
-    from_colmap   convert a COLMAP reconstruction (tools/colmap_import.py)
+    from_capture  photos or a video -> structure from motion (pycolmap) -> train/validation/test (tools/capture.py)
+    from_colmap   convert an existing COLMAP model, read with pycolmap (tools/colmap_import.py)
+    from_nerf_synthetic  convert a NeRF-synthetic ("Blender") scene (tools/nerf_synthetic.py)
 
 Bad input ends the command with one ``error: ...`` line on stderr and exit code 2.
 """
@@ -17,7 +19,11 @@ import sys
 from typing import Optional, Sequence
 
 import data_util
-from tools import colmap_import, nn_baseline, synthetic
+from tools import capture, colmap_import, nerf_synthetic, nn_baseline, synthetic
+
+# Subcommands with their own parser (``SUBCOMMAND --help`` lists their flags): main() hands the arguments to
+# the module's main().
+DELEGATED = {"from_capture": capture, "from_colmap": colmap_import, "from_nerf_synthetic": nerf_synthetic}
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -56,8 +62,12 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="side in pixels the images are scored at (as run_deepvoxels --img_sidelength)")
     baseline.add_argument("--out", default="", help="output folder (default: nn_baseline/<test object>)")
 
-    # Parsed by colmap_import.main, which main() hands the arguments to; `from_colmap --help` lists them.
-    sub.add_parser("from_colmap", help="convert a COLMAP reconstruction into an object folder", add_help=False)
+    sub.add_parser("from_capture", add_help=False,
+                   help="photos or a video -> structure from motion (pycolmap) -> train/validation/test dataset")
+    sub.add_parser("from_colmap", help="convert an existing COLMAP model into an object folder", add_help=False)
+    sub.add_parser("from_nerf_synthetic", add_help=False,
+                   help="convert a NeRF-synthetic (Blender, transforms_*.json) scene into a train/validation/test "
+                        "dataset")
     return parser
 
 
@@ -70,8 +80,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command line entry point; returns the exit code (2 on bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if argv and argv[0] == "from_colmap":
-        return colmap_import.main(argv[1:])
+    if argv and argv[0] in DELEGATED:
+        return DELEGATED[argv[0]].main(argv[1:])
     args = _build_parser().parse_args(argv)
     try:
         if args.command == "synthetic":

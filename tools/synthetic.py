@@ -1,7 +1,7 @@
 """The built-in synthetic scenes: a small numpy ray caster and the dataset generator behind
 ``python -m tools.dataset synthetic``.
 
-Two objects (OBJECT_NAMES) made of textured boxes and spheres, lit by a fixed light, are rendered
+Three objects (OBJECT_NAMES) made of textured boxes and spheres, lit by a fixed light, are rendered
 from cameras on the upper hemisphere (train, validation) and on the original's Archimedean test
 spiral (test) into the DeepVoxels folder layout. Camera, pixel and image conventions are
 data_util's (OpenCV cam2world, integer pixel coordinates at pixel centres, +z world up).
@@ -159,7 +159,52 @@ def _ball_texture(points: np.ndarray, normals: np.ndarray, face: np.ndarray) -> 
     return rgb * (1.0 - 0.35 * band) + 0.2 * band * (1.0 - rgb)
 
 
+# Octaves of the value noise on the "crate": cells per world unit. From 5 cells across a face (blobs a
+# SIFT detector finds at 128 px) to 80 (fine grain that still shows at 512 px).
+_NOISE_CELLS_PER_UNIT = (10.0, 20.0, 40.0, 80.0, 160.0)
+
+
+def _lattice_hash(i: np.ndarray, j: np.ndarray, face: np.ndarray, channel: int) -> np.ndarray:
+    """A pseudo-random value in [0, 1) per integer lattice point, face and channel (a fixed integer hash)."""
+    h = (i.astype(np.int64) * 73856093) ^ (j.astype(np.int64) * 19349663) ^ (face.astype(np.int64) * 83492791) \
+        ^ (channel * 2654435761)
+    h = (h ^ (h >> 13)) * 1274126177
+    return ((h ^ (h >> 16)) & 0xFFFF) / 65536.0
+
+
+def _value_noise(a: np.ndarray, b: np.ndarray, face: np.ndarray, channel: int) -> np.ndarray:
+    """Sum of bilinearly interpolated lattice noise over _NOISE_CELLS_PER_UNIT, amplitude halving per octave,
+    in [0, 1)."""
+    total, weight = np.zeros_like(a), 0.0
+    for octave, cells in enumerate(_NOISE_CELLS_PER_UNIT):
+        x, y = a * cells, b * cells
+        i, j = np.floor(x), np.floor(y)
+        fx, fy = x - i, y - j
+        fx, fy = fx * fx * (3 - 2 * fx), fy * fy * (3 - 2 * fy)  # smoothstep: no creases at cell edges
+        corners = [_lattice_hash(i + di, j + dj, face, channel + 7 * octave) for di in (0, 1) for dj in (0, 1)]
+        value = (corners[0] * (1 - fx) * (1 - fy) + corners[1] * (1 - fx) * fy + corners[2] * fx * (1 - fy)
+                 + corners[3] * fx * fy)
+        amplitude = 0.7 ** octave
+        total += amplitude * value
+        weight += amplitude
+    return total / weight
+
+
+def _crate_texture(points: np.ndarray, normals: np.ndarray, face: np.ndarray) -> np.ndarray:
+    """Coloured multi-scale value noise, different on every face: corners and blobs at every scale, so
+    structure from motion finds many distinct features (the checkers of the other objects repeat)."""
+    axes = np.array(_FACE_UV_AXES)[face]
+    idx = np.arange(len(face))
+    a, b = points[idx, axes[:, 0]], points[idx, axes[:, 1]]
+    noise = np.stack([_value_noise(a, b, face, channel) for channel in range(3)], axis=1)
+    # Stretch the contrast: a sum of octaves clusters around 0.5.
+    return np.clip(0.5 + 2.2 * (noise - 0.5), 0.0, 1.0)
+
+
 def _scene(object_name: str) -> list:
+    if object_name == "crate":
+        h = CUBE_HALF_SIDE
+        return [_Box((-h, -h, -h), (h, h, h), _crate_texture)]
     if object_name == "cube":
         h = CUBE_HALF_SIDE
         return [_Box((-h, -h, -h), (h, h, h), _cube_texture)]
@@ -168,7 +213,7 @@ def _scene(object_name: str) -> list:
     raise ValueError(f"unknown object {object_name!r}; expected one of {', '.join(OBJECT_NAMES)}")
 
 
-OBJECT_NAMES = ("cube", "sphere_box")
+OBJECT_NAMES = ("cube", "sphere_box", "crate")
 
 
 def _shade(prim, points: np.ndarray, face: np.ndarray) -> np.ndarray:
@@ -212,23 +257,41 @@ def pixel_rays(cam2world: np.ndarray, f: float, cx: float, cy: float, u: np.ndar
     return origins, dirs
 
 
-def render_view(object_name: str, cam2world: np.ndarray, f: float, cx: float, cy: float,
-                height: int, width: int) -> np.ndarray:
-    """Render a synthetic object as uint8 (height, width, 3) RGB.
-
-    cam2world: (4, 4) OpenCV camera -> world. Pixel (u, v) = image[v, u] is centred on the
-    integer pixel coordinate (u, v): its SUPERSAMPLE x SUPERSAMPLE sub-rays sit symmetrically
-    around it and are averaged.
-    """
+def _render_samples(object_name: str, cam2world: np.ndarray, f: float, cx: float, cy: float, height: int,
+                    width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Colours (H, W, k*k, 3), the background where a ray misses, and hits (H, W, k*k) of the SUPERSAMPLE x
+    SUPERSAMPLE sub-rays around each integer pixel coordinate."""
     k = SUPERSAMPLE
     offsets = (np.arange(k) + 0.5) / k - 0.5
     uu = np.arange(width)[None, :, None, None] + offsets[None, None, None, :]   # (1, W, 1, k)
     vv = np.arange(height)[:, None, None, None] + offsets[None, None, :, None]  # (H, 1, k, 1)
     uu, vv = np.broadcast_arrays(uu, vv)                                         # (H, W, k, k)
     origins, dirs = pixel_rays(cam2world, f, cx, cy, uu, vv)
-    colour, _ = cast_rays(object_name, origins, dirs)
-    colour = colour.reshape(height, width, k * k, 3).mean(axis=2)
-    return np.round(colour * data_util.UINT8_MAX).astype(np.uint8)
+    colour, t = cast_rays(object_name, origins, dirs)
+    return colour.reshape(height, width, k * k, 3), np.isfinite(t).reshape(height, width, k * k)
+
+
+def render_view(object_name: str, cam2world: np.ndarray, f: float, cx: float, cy: float,
+                height: int, width: int) -> np.ndarray:
+    """Render a synthetic object as uint8 (height, width, 3) RGB on the white background.
+
+    cam2world: (4, 4) OpenCV camera -> world. Pixel (u, v) = image[v, u] is centred on the
+    integer pixel coordinate (u, v): its SUPERSAMPLE x SUPERSAMPLE sub-rays sit symmetrically
+    around it and are averaged.
+    """
+    colour, _ = _render_samples(object_name, cam2world, f, cx, cy, height, width)
+    return np.round(colour.mean(axis=2) * data_util.UINT8_MAX).astype(np.uint8)
+
+
+def render_view_rgba(object_name: str, cam2world: np.ndarray, f: float, cx: float, cy: float,
+                     height: int, width: int) -> np.ndarray:
+    """As render_view, but uint8 (height, width, 4) straight-alpha RGBA without a background: alpha is the
+    fraction of sub-rays that hit the object, RGB their mean colour (0 where none hits)."""
+    colour, hit = _render_samples(object_name, cam2world, f, cx, cy, height, width)
+    alpha = hit.mean(axis=2)
+    rgb = (colour * hit[..., None]).sum(axis=2) / np.maximum(hit.sum(axis=2), 1)[..., None]
+    rgba = np.concatenate([rgb, alpha[..., None]], axis=2)
+    return np.round(rgba * data_util.UINT8_MAX).astype(np.uint8)
 
 
 def object_surface_points(object_name: str, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -317,3 +380,36 @@ def make_synthetic_dataset(out_root: data_util.PathLike, object_name: str, resol
         folders[split] = folder
         logger.info("wrote %d %s views to %s", len(poses), split, folder)
     return folders
+
+
+def make_nerf_synthetic_scene(out_dir: data_util.PathLike, object_name: str, resolution: int = 128,
+                              num_train: int = 50, num_val: int = 10, num_test: int = 50, seed: int = 0,
+                              radius: float = SYNTH_RADIUS) -> str:
+    """Render a synthetic object in the NeRF-synthetic ("Blender") format, as those scenes ship.
+
+    Writes out_dir/transforms_{train,val,test}.json (camera_angle_x; per frame file_path without extension and
+    transform_matrix, the OpenGL cam2world: +y up, looking along -z) and out_dir/{train,val,test}/r_%d.png,
+    RGBA without a background. Cameras as make_synthetic_dataset places them; the principal point is the image
+    centre as Blender has it ((W - 1) / 2 in data_util's pixels). Returns out_dir.
+    """
+    import json
+    if object_name not in OBJECT_NAMES:
+        raise ValueError(f"unknown object {object_name!r}; expected one of {', '.join(OBJECT_NAMES)}")
+    rng = np.random.RandomState(seed)
+    f = synthetic_focal(resolution)
+    c = (resolution - 1) / 2.0
+    splits = {"train": random_hemisphere_poses(num_train, radius, rng),
+              "val": random_hemisphere_poses(num_val, radius, rng),
+              "test": data_util.archimedean_spiral_poses(radius, num_test)}
+    opencv_to_opengl = np.diag([1.0, -1.0, -1.0, 1.0])  # flipping y and z is its own inverse
+    for split, poses in splits.items():
+        os.makedirs(os.path.join(os.fspath(out_dir), split), exist_ok=True)
+        frames = []
+        for i, pose in enumerate(poses):
+            data_util.write_png(os.path.join(os.fspath(out_dir), split, f"r_{i}.png"),
+                                render_view_rgba(object_name, pose, f, c, c, resolution, resolution))
+            frames.append({"file_path": f"./{split}/r_{i}", "transform_matrix": (pose @ opencv_to_opengl).tolist()})
+        with open(os.path.join(os.fspath(out_dir), f"transforms_{split}.json"), "w", encoding="utf-8") as file:
+            json.dump({"camera_angle_x": 2.0 * np.arctan(0.5 * resolution / f), "frames": frames}, file, indent=1)
+        logger.info("wrote %d %s views to %s", len(poses), split, out_dir)
+    return os.fspath(out_dir)
