@@ -270,21 +270,22 @@ class Viewer:
         self.server.initial_camera.up = tuple(r.up)
         self.server.initial_camera.fov = r.square_fov
         side = r.geometry.grid_dims[0] * r.geometry.voxel_size
+        handles = []
         for i, pose in enumerate(r.train_poses):
-            scene.add_camera_frustum(f"/training_cameras/{i:05d}", fov=r.square_fov, aspect=1.0,
+            handles.append(scene.add_camera_frustum(f"/training_cameras/{i:05d}", fov=r.square_fov, aspect=1.0,
                                      scale=FRUSTUM_SIZE * side, thickness=2.0, thickness_units="screen",
                                      color=(60, 90, 200), wxyz=vtf.SO3.from_matrix(pose[:3, :3]).wxyz,
-                                     position=pose[:3, 3])
+                                     position=pose[:3, 3]))
         corners = r.geometry.grid_corners().numpy()  # index bits: x, y, z
         edges = [(a, b) for a in range(8) for b in range(a + 1, 8) if bin(a ^ b).count("1") == 1]
-        scene.add_line_segments("/voxel_grid", np.array([[corners[a], corners[b]] for a, b in edges]),
-                                colors=(230, 120, 20), thickness=2.0, thickness_units="screen")
-        overlays = self.server.gui.add_checkbox("Show cameras and grid", initial_value=True)
+        handles.append(scene.add_line_segments("/voxel_grid", np.array([[corners[a], corners[b]] for a, b in edges]),
+                                               colors=(230, 120, 20), thickness=2.0, thickness_units="screen"))
+        self.overlays = self.server.gui.add_checkbox("Show cameras and grid", initial_value=True)
 
-        @overlays.on_update
+        @self.overlays.on_update
         def _(_) -> None:
-            scene["/training_cameras"].visible = overlays.value
-            scene["/voxel_grid"].visible = overlays.value
+            for handle in handles:
+                handle.visible = self.overlays.value
 
     # -- pages ---------------------------------------------------------------------------------------------
 
@@ -366,8 +367,8 @@ class Viewer:
         page.status.content = note
         page.client.scene.set_background_image(letterbox(square, camera.image_width, camera.image_height),
                                                format=self.image_format, jpeg_quality=90)
+        page.frames_sent += 1  # before shown_pose: whoever sees the pose also sees the count of its frame
         page.shown_pose, page.shown_step = pose, self._step
-        page.frames_sent += 1
 
     def _render_loop(self) -> None:
         while True:
