@@ -290,7 +290,7 @@ def _chromium_screenshot(url: str, width: int, height: int, ready, settle_s: flo
     proc = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--remote-debugging-port=0",
                              f"--user-data-dir={profile}", f"--window-size={width},{height}",
                              "--enable-unsafe-swiftshader", "--use-angle=swiftshader", "about:blank"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stderr:
             match = re.search(r"DevTools listening on ws://[^:]+:(\d+)/", line)
@@ -345,8 +345,12 @@ def test_page_in_a_real_browser_shows_the_render(trained):
     scaled = expected[rows][:, rows].astype(np.float64)
     # The GUI panel covers the upper right and a notice the upper left: compare the lower half of the square.
     lower = slice(side // 2 + 4, side - 4)
+    # The browser resamples the frame and may manage its colours: a loose bound, far below what an empty page
+    # (white) or the letterbox grey would give.
     diff = np.abs(square[lower, 4:-4] - scaled[lower, 4:-4]).mean()
-    assert diff < 8, f"mean difference {diff:.1f} between the page's square and the served render"
-    assert np.abs(square[lower] - 255).mean() > 3 * diff  # not the empty white page
+    print(f"page square vs served render: mean difference {diff:.1f}")
+    assert diff < 20, f"mean difference {diff:.1f} between the page's square and the served render"
+    for empty in (255, viewer.LETTERBOX_GREY):
+        assert np.abs(square[lower, 4:-4] - empty).mean() > 2 * diff
     if w > h + 8:
         assert np.abs(shot[h // 2:, 2:left - 2].astype(np.float64) - viewer.LETTERBOX_GREY).mean() < 8
