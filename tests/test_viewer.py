@@ -39,6 +39,7 @@ SIDE = 128
 TINY_MODEL = ["--img_sidelength", str(SIDE), "--grid_dim", "8", "--num_grid_feats", "4", "--nf0", "4"]
 TEST_VIEW = 1  # the test pose compared with test mode's render
 WAIT_S = 60.0
+BROWSER_WAIT_S = 240.0  # software WebGL on a loaded 2-core machine can take minutes to start the page
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -312,7 +313,7 @@ def _chromium_screenshot(url: str, width: int, height: int, ready, settle_s: flo
                         return reply.get("result")
 
             call("Page.navigate", url=url)
-            _wait(ready, "the page's first frame")
+            _wait(ready, "the page's first frame", BROWSER_WAIT_S)
             time.sleep(settle_s)  # the browser decodes and paints the frame
             shot = call("Page.captureScreenshot", format="png")
         import imageio.v3 as iio
