@@ -487,6 +487,17 @@ def interpolate_poses(pose_a: np.ndarray, pose_b: np.ndarray, num_steps: int) ->
     return np.stack(poses, axis=0)
 
 
+def interpolate_keyframes(keyframes: Sequence[np.ndarray], steps_between: int) -> np.ndarray:
+    """(K, 4, 4) cam2world poses through the keyframes in order, ``steps_between`` poses from each keyframe to
+    the next (interpolate_poses), ending on the last keyframe."""
+    if not keyframes:
+        raise ValueError("interpolate_keyframes: no keyframes")
+    poses = [np.asarray(keyframes[0], dtype=np.float64)]
+    for pose_a, pose_b in zip(keyframes[:-1], keyframes[1:]):
+        poses.extend(interpolate_poses(pose_a, pose_b, steps_between + 1)[1:])
+    return np.stack(poses, axis=0)
+
+
 def interpolate_training_poses(train_pose_dir: PathLike, out_pose_dir: PathLike, num_samples: int = 10,
                                num_steps: int = 100, seed: int = 0) -> list[str]:
     """Write a test trajectory chaining num_samples interpolated segments between training poses.

@@ -42,14 +42,17 @@ def score(png: np.ndarray, item: dict) -> tuple[np.ndarray, np.ndarray, float, f
 
 
 def render_poses(model: DeepVoxels, indices: IndexCache, poses: Sequence[torch.Tensor], view_batch: int,
-                 autocast, timings: Optional[list[float]] = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+                 autocast, timings: Optional[list[float]] = None, inpainted: Optional[torch.Tensor] = None
+                 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Yield (index, image (3, S, S), raw depth (1, 64, 64)) for each pose, ``view_batch`` views per forward.
 
-    The grid is inpainted once: it does not depend on the view. Raises EmptyFrustumError naming the view.
+    The grid is inpainted once: it does not depend on the view. ``inpainted`` passes one already inpainted
+    (``inpaint_grid``), as the viewer does between frames. Raises EmptyFrustumError naming the view.
     ``autocast`` is a context factory (the run's precision); ``timings`` collects seconds per view.
     """
     with torch.no_grad(), autocast():
-        inpainted = model.inpaint(model.deepvoxels)
+        if inpainted is None:
+            inpainted = model.inpaint(model.deepvoxels)
         for start in range(0, len(poses), view_batch):
             t0 = time.perf_counter()
             chunk = list(range(start, min(start + view_batch, len(poses))))
@@ -66,6 +69,12 @@ def render_poses(model: DeepVoxels, indices: IndexCache, poses: Sequence[torch.T
                 timings.append((time.perf_counter() - t0) / len(chunk))
             for j, i in enumerate(chunk):
                 yield i, images[j], depths[j]
+
+
+def inpaint_grid(model: DeepVoxels, autocast) -> torch.Tensor:
+    """The model's grid after the inpainting net, (1, C, G, G, G): what every view of it is rendered from."""
+    with torch.no_grad(), autocast():
+        return model.inpaint(model.deepvoxels)
 
 
 class Validator:

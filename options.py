@@ -108,6 +108,13 @@ def build_parser() -> configargparse.ArgumentParser:
     g.add_argument("--val_views", type=int, default=0, help="validation views rendered (0: all)")
     g.add_argument("--view_batch", type=int, default=8, help="views rendered per forward pass in test mode and validation")
 
+    g = p.add_argument_group("live viewer (python -m viewer shows a checkpoint)")
+    g.add_argument("--live_viewer", action="store_true",
+                   help="serve the web viewer during training, showing the current weights (address printed)")
+    g.add_argument("--viewer_port", type=int, default=8080, help="port of the live viewer's page")
+    g.add_argument("--viewer_every", type=int, default=10,
+                   help="steps between the live viewer's renders, at most one render per this many steps")
+
     g = p.add_argument_group("performance")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps")
     g.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="autocast precision")
@@ -146,7 +153,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> configargparse.Namespace
     if str(opt.resume).lower() in ("true", "false"):  # a YAML boolean, as in configs written for the old switch
         opt.resume = "newest" if str(opt.resume).lower() == "true" else ""
     check_model_flags(opt)
-    for flag in ("num_grid_feats", "num_trgt", "checkpoint_every", "view_batch"):
+    for flag in ("num_grid_feats", "num_trgt", "checkpoint_every", "view_batch", "viewer_every"):
         if getattr(opt, flag) < 1:
             raise util.UsageError(f"--{flag} {getattr(opt, flag)}: must be at least 1")
     if opt.sampling_pattern != "all" and not re.fullmatch(r"skip_\d+", opt.sampling_pattern):

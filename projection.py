@@ -21,6 +21,7 @@ which silently collapses the unravelled coordinates. ``unravel_index`` is the on
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, TypeVar
 
@@ -187,6 +188,33 @@ class ProjectionHelper:
         if not inside.any():
             raise EmptyFrustumError("none of the camera's frustum lies inside the grid")
         return lin[inside], voxel_coords[:, inside]
+
+    def grid_corners(self) -> torch.Tensor:
+        """(8, 3) world positions of the grid's corner voxels, float64 (the grid spans voxels 0 .. G-1)."""
+        g = self.grid_dims
+        lin = torch.tensor([x + g[0] * y + g[0] * g[1] * z for z in (0, g[2] - 1) for y in (0, g[1] - 1)
+                            for x in (0, g[0] - 1)])
+        return (self.grid2world.double().cpu() @ self._voxel_positions(lin, torch.float64))[:3].t()
+
+    def grid_in_view_volume(self, cam2world: torch.Tensor) -> bool:
+        """Whether the ball inscribed in the grid (where the object is expected to sit) lies in the view volume
+        of camera ``cam2world`` (4, 4): between the first and the last frustum plane and inside the projection
+        image. The model renders only what is there. The grid's corners are not asked for: with the
+        original's near plane they fall outside the view volume of the training cameras themselves."""
+        radius = self.grid_dims[0] * self.voxel_size / 2
+        centre = torch.linalg.inv(cam2world.double().cpu()) @ self.grid2world.double().cpu()[:, 3]
+        x, y, z = (float(c) for c in centre[:3])
+        if z - radius < self.near_plane or z + radius > self.near_plane + (self.frustum_depth - 1) * self.voxel_size:
+            return False
+        k = self.projection_intrinsic
+        for coord, focal, principal, side in ((x, k[0][0], k[0][2], self.projection_image_dims[0]),
+                                              (y, k[1][1], k[1][2], self.projection_image_dims[1])):
+            # The image's two edges along this axis are planes through the camera: coord = slope * z.
+            for edge, sign in ((0, 1.0), (side - 1, -1.0)):
+                slope = (edge - principal) / focal
+                if sign * (coord - slope * z) / math.sqrt(1.0 + slope * slope) < radius:
+                    return False
+        return True
 
 
 def _scatter_weighted_corners(src: torch.Tensor, corner_idx: torch.Tensor, corner_w: torch.Tensor,

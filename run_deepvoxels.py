@@ -30,6 +30,7 @@ import distributed
 import options
 import performance
 import util
+import viewer
 from deep_voxels import DeepVoxels
 from evaluation import Validator, ViewScorer, crop, render_poses, scores_line, to_uint16, write_test_outputs
 from losses import GANLoss, PatchDiscriminator
@@ -271,6 +272,7 @@ def train(opt: Any, device: torch.device, dist: distributed.Context) -> TrainRes
                  "%d process(es)", f"{util.count_parameters(model):,}", f"{util.count_parameters(discriminator):,}",
                  len(dataset), geometry.near_plane, geometry.voxel_size, device, dist.world)
     indices = IndexCache(geometry, device)
+    live = viewer.start_live(opt, model, geometry, t.autocast, device, log_dir, dist.is_main)  # --live_viewer
 
     def state() -> dict[str, Any]:
         return {"model": model.state_dict(), "discriminator": discriminator.state_dict(),
@@ -329,6 +331,7 @@ def train(opt: Any, device: torch.device, dist: distributed.Context) -> TrainRes
                 step += 1
                 epoch_pos += 1
                 progress.update(step, epoch, losses)
+                live.between_steps(step)
                 if step % opt.checkpoint_every == 0:
                     save("interval")
                 if opt.val_every and step % opt.val_every == 0 and dist.is_main:
@@ -348,6 +351,7 @@ def train(opt: Any, device: torch.device, dist: distributed.Context) -> TrainRes
         raise NonFiniteLossError(f"{err}; the last good state is in {path or 'rank 0 checkpoint'}") from err
     finally:
         progress.close()
+        live.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
         if writer is not None:

@@ -13,7 +13,8 @@ from tools.synthetic import make_synthetic_dataset
 
 TINY = ["--img_sidelength", "128", "--grid_dim", "8", "--num_grid_feats", "4", "--nf0", "4", "--device", "cpu"]
 GROUPS = ["required", "model (test mode reads these from the checkpoint; given, they must match it)", "schedule",
-          "checkpoints and resume", "validation and test", "performance", "logging"]
+          "checkpoints and resume", "validation and test", "live viewer (python -m viewer shows a checkpoint)",
+          "performance", "logging"]
 
 
 def test_help_is_grouped_and_shows_each_default_once(capsys):
