@@ -31,6 +31,7 @@ import torch
 import checkpoints
 import data_util
 import options
+import performance
 import util
 from dataio import load_cam2world, poses_are_world2cam
 from deep_voxels import DeepVoxels
@@ -472,6 +473,7 @@ def load(checkpoint: str, data_root: str, device: torch.device, amp: str = "off"
                                              opt.near_plane, device)
     model, _ = run_deepvoxels.build_networks(opt, device)
     checkpoints.load_weights(checkpoint, payload, model)
+    performance.enable(model, performance.choose(device, opt.img_sidelength, nf0=opt.nf0))  # as test mode
     model.eval()
     return Renderer(model, geometry, data_root, opt.img_sidelength, run_deepvoxels.amp_context(amp, device), device)
 
