@@ -330,8 +330,13 @@ def test_page_in_a_real_browser_shows_the_render(trained):
     v = _serve(trained)
     try:
         v.overlays.value = False  # frusta and box off: the square holds the render alone
-        shot = _chromium_screenshot(v.url, 800, 600, lambda: any(p.frames_sent for p in v.pages.values()))
-        page = next(iter(v.pages.values()))
+        shown = []  # the page that got a frame; it leaves v.pages when the browser is closed
+
+        def ready() -> bool:
+            shown.extend(p for p in v.pages.values() if p.frames_sent and not shown)
+            return bool(shown)
+        shot = _chromium_screenshot(v.url, 800, 600, ready)
+        page = shown[0]
         width, height = page.client.camera.image_width, page.client.camera.image_height
         expected = v.renderer.frame(page.shown_pose, viewer.SHOW[0])
     finally:
