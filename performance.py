@@ -15,12 +15,12 @@ so a test can run the same step with any of them off:
 * ``onednn_conv3d``: 3^3 convolutions on the CPU run through oneDNN in the channels-last layout, with the
   spatial axes reordered, and padded with zero channels where ATen would otherwise pick its slow im2col
   kernel (``OneDNNConv3d``).
-* ``channels_last_2d``: the 2D networks (feature extractor, rendering net, discriminator) keep their
-  convolution weights and activations channels-last (N, H, W, C).
+* ``channels_last_2d``: the 2D networks (feature extractor, rendering net, discriminator) take channels-last
+  (N, H, W, C) activations; the generator's 2D convolution weights are stored so too.
 
 Which of these pay depends on the machine: on a GPU the savers' Python work is not hidden behind the
-arithmetic; on a CPU the layouts pay where oneDNN has AVX-512 kernels for them and cost copies where it has
-only AVX2 ones (``choose`` reads the CPU's flags; docs/performance.md has the A/B on both kinds).
+arithmetic; on a CPU the channels-last 2D kernels pay with AVX-512 and, with AVX2 alone, only for the
+narrowest networks (``choose`` reads the CPU's flags; the measurements are in docs/performance.md).
 
 How cheap-layer recompute works: after each convolution the networks run a chain of cheap elementwise layers
 whose outputs autograd keeps, although they are quick functions of the convolution's output, which BatchNorm
