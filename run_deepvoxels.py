@@ -370,6 +370,19 @@ def train(opt: Any, device: torch.device, dist: distributed.Context) -> TrainRes
 # ----------------------------------------------------------------------------------------------------------
 # Test mode
 
+def build_for_rendering(opt: Any, path: str, payload: dict, data_root: str, device: torch.device
+                        ) -> tuple[ProjectionHelper, DeepVoxels]:
+    """Geometry of ``data_root`` and the checkpoint's model in eval mode, with test mode's fast paths."""
+    geometry = build_geometry(os.path.join(data_root, "intrinsics.txt"), opt.grid_dim, opt.near_plane, device)
+    model, _ = build_networks(opt, device)
+    checkpoints.load_weights(path, payload, model)
+    compiled = getattr(opt, "compile", False)
+    performance.enable(model, performance.choose(device, opt.img_sidelength, compiled=compiled, nf0=opt.nf0))
+    if compiled:
+        performance.compile_networks(model)
+    return geometry, model.eval()
+
+
 def test(opt: Any, device: torch.device) -> dict[str, Any]:
     """Render every pose in data_root/pose: 16-bit PNGs, depth PNGs, a video and, where the folder has ground
     truth, PSNR/SSIM (metrics.csv, metrics.json) and a comparison strip."""
@@ -377,13 +390,7 @@ def test(opt: Any, device: torch.device) -> dict[str, Any]:
     payload = checkpoints.load(opt.checkpoint)
     flags = checkpoints.take_model_flags(opt.checkpoint, payload, opt)
     print("model flags from the checkpoint: " + ", ".join(f"{k} {v}" for k, v in flags.items()))
-    geometry = build_geometry(os.path.join(opt.data_root, "intrinsics.txt"), opt.grid_dim, opt.near_plane, device)
-    model, _ = build_networks(opt, device)
-    checkpoints.load_weights(opt.checkpoint, payload, model)
-    performance.enable(model, performance.choose(device, opt.img_sidelength, compiled=opt.compile, nf0=opt.nf0))
-    if opt.compile:
-        performance.compile_networks(model)
-    model.eval()
+    geometry, model = build_for_rendering(opt, opt.checkpoint, payload, opt.data_root, device)
     dataset = dataio.TestDataset(opt.data_root, opt.img_sidelength)
     traj_dir = os.path.join(opt.logging_root, "test_traj", checkpoints.test_folder_name(opt, datetime.datetime.now()))
     os.makedirs(traj_dir, exist_ok=True)

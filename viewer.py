@@ -31,7 +31,6 @@ import torch
 import checkpoints
 import data_util
 import options
-import performance
 import util
 from dataio import load_cam2world, poses_are_world2cam
 from deep_voxels import DeepVoxels
@@ -469,12 +468,7 @@ def load(checkpoint: str, data_root: str, device: torch.device, amp: str = "off"
     for name in ("intrinsics.txt", "pose"):
         if not os.path.exists(os.path.join(data_root, name)):
             raise data_util.DataError(f"--data_root {data_root}: expected the training set's {name} there")
-    geometry = run_deepvoxels.build_geometry(os.path.join(data_root, "intrinsics.txt"), opt.grid_dim,
-                                             opt.near_plane, device)
-    model, _ = run_deepvoxels.build_networks(opt, device)
-    checkpoints.load_weights(checkpoint, payload, model)
-    performance.enable(model, performance.choose(device, opt.img_sidelength, nf0=opt.nf0))  # as test mode
-    model.eval()
+    geometry, model = run_deepvoxels.build_for_rendering(opt, checkpoint, payload, data_root, device)
     return Renderer(model, geometry, data_root, opt.img_sidelength, run_deepvoxels.amp_context(amp, device), device)
 
 
