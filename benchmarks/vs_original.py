@@ -231,6 +231,8 @@ def run_child(kind: str, setting: Sequence[Any], args: argparse.Namespace, work:
         tail = handle.read().strip().splitlines()
     if proc.returncode != 0 or not tail or not tail[-1].startswith("{"):
         raise SystemExit(f"error: {kind} {setting[0]} failed (exit {proc.returncode}); see {logs}.out")
+    # The run's checkpoints and summaries are not needed once timed (at the paper's setting they take GBs).
+    shutil.rmtree(logs, ignore_errors=True)
     return json.loads(tail[-1])
 
 
