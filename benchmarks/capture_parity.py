@@ -75,7 +75,8 @@ def camera_errors(views: dict, true_poses: np.ndarray) -> dict:
     scale, rotation, shift = similarity(centres, true_poses[index, :3, 3])
     centre_err = np.linalg.norm(scale * centres @ rotation.T + shift - true_poses[index, :3, 3], axis=1) / RADIUS
     rot_err = np.array([np.degrees(np.arccos(np.clip(
-        (np.trace(true_poses[i][:3, :3].T @ rotation @ merged[n][:3, :3]) - 1) / 2, -1, 1))) for n, i in zip(names, index)])
+        (np.trace(true_poses[i][:3, :3].T @ rotation @ merged[n][:3, :3]) - 1) / 2, -1, 1)))
+        for n, i in zip(names, index)])
     return {"rotation_deg_mean": float(rot_err.mean()), "rotation_deg_max": float(rot_err.max()),
             "centre_rel_mean": float(centre_err.mean()), "centre_rel_max": float(centre_err.max())}
 
@@ -84,7 +85,7 @@ def true_camera_dataset(views: dict, photos: str, true_poses: np.ndarray, photo_
                         obj: str) -> None:
     """The same photos and splits as the reconstruction, with their true cameras (the renderer's world)."""
     import data_util
-    from tools import colmap_import, synthetic
+    from tools import placement, synthetic
     zoom = side / photo_side
     # Rendered with cx = cy = photo_side / 2 in pixel-centre coordinates; the area resize maps centre
     # coordinate u to (u + 0.5) * zoom - 0.5.
@@ -93,11 +94,11 @@ def true_camera_dataset(views: dict, photos: str, true_poses: np.ndarray, photo_
     for split, named in views.items():
         names = list(named)
         index = [int(name.split("_")[1].split(".")[0]) for name in names]
-        images = [colmap_import.to_square(data_util.read_image(os.path.join(photos, n)), side) for n in names]
+        images = [placement.to_square(data_util.read_image(os.path.join(photos, n)), side) for n in names]
         poses = true_poses[index]
-        near, _ = colmap_import.choose_near_plane(true_poses)
-        colmap_import.write_object_folder(os.path.join(out, split, obj), images, poses, intrinsics, near, np.eye(4),
-                                          names)
+        near, _ = placement.choose_near_plane(true_poses)
+        placement.write_object_folder(os.path.join(out, split, obj), images, poses, intrinsics, near, np.eye(4),
+                                      names)
 
 
 def train_and_test(root: str, obj: str, logs: str, flags: Sequence[str]) -> dict:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import data_util
-from tools import colmap_import, synthetic
+from tools import colmap_import, placement, synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "fixtures")
@@ -151,7 +151,7 @@ def unit_grid_corners():
 def test_crop_window_matches_loader_crop():
     for height, width in [(96, 128), (97, 130), (128, 96), (51, 51)]:
         img = np.arange(height * width).reshape(height, width)
-        row0, col0, side = colmap_import.crop_window(height, width)
+        row0, col0, side = placement.crop_window(height, width)
         np.testing.assert_array_equal(data_util.square_crop(img), img[row0:row0 + side, col0:col0 + side])
 
 
@@ -201,7 +201,7 @@ def test_grid_contains_object_and_lies_in_front_of_cameras(scene, converted):
     # Cameras at different distances: the back corners may pass the last plane, the centre may not.
     centre_depths = [np.linalg.norm(np.loadtxt(os.path.join(converted, "pose", name))[:3, 3])
                      for name in os.listdir(os.path.join(converted, "pose"))]
-    assert max(centre_depths) <= near_plane + colmap_import.FRUSTUM_DEPTH_IN_GRID_SIDES * scale
+    assert max(centre_depths) <= near_plane + placement.FRUSTUM_DEPTH_IN_GRID_SIDES * scale
 
 
 def test_training_loader_reads_the_folder(scene, converted):
@@ -328,7 +328,7 @@ def test_alignment_puts_the_cube_square_in_the_grid(scene, converted):
     """COLMAP's world is turned at random; the importer turns it back so that the cameras' up is +z and the
     cube's faces are parallel to the grid's: ground-truth axes map onto dataset axes up to order and sign."""
     gt_to_dataset = turn(np.loadtxt(os.path.join(converted, "world_transform.txt"))) @ scene.rotation
-    assert gt_to_dataset[:, 2] @ colmap_import.DATASET_UP > np.cos(np.deg2rad(2.0))  # up stays up
+    assert gt_to_dataset[:, 2] @ placement.DATASET_UP > np.cos(np.deg2rad(2.0))  # up stays up
     nearest_axes = np.round(gt_to_dataset)
     assert sorted(np.abs(nearest_axes).sum(axis=0)) == [1, 1, 1]  # a signed permutation
     angle = np.degrees(np.arccos(np.clip((np.trace(nearest_axes.T @ gt_to_dataset) - 1) / 2, -1, 1)))
@@ -342,8 +342,8 @@ def test_yaw_search_finds_a_square_footprint():
     rng = np.random.RandomState(0)
     square = rng.uniform(-1, 1, size=(4000, 2)) * [2.0, 1.0]  # a 4 x 2 rectangle
     for degrees in (0.0, 17.0, 63.0, 89.5):
-        turned = square @ colmap_import.rotation_about_z(np.deg2rad(degrees))[:2, :2].T
-        back = np.rad2deg(colmap_import.best_yaw(turned))
+        turned = square @ placement.rotation_about_z(np.deg2rad(degrees))[:2, :2].T
+        back = np.rad2deg(placement.best_yaw(turned))
         assert min(abs(back + degrees) % 90, 90 - abs(back + degrees) % 90) < 0.3
 
 
@@ -351,7 +351,7 @@ def test_rotation_between_unit_vectors():
     rng = np.random.RandomState(0)
     for a, b in [(rng.normal(size=3), rng.normal(size=3)), ([0, 0, 1.0], [0, 0, 1.0]), ([0, 0, 1.0], [0, 0, -1.0])]:
         a, b = np.asarray(a) / np.linalg.norm(a), np.asarray(b) / np.linalg.norm(b)
-        rot = colmap_import.rotation_between(a, b)
+        rot = placement.rotation_between(a, b)
         np.testing.assert_allclose(rot @ a, b, atol=1e-12)
         np.testing.assert_allclose(rot @ rot.T, np.eye(3), atol=1e-12)
         assert np.linalg.det(rot) == pytest.approx(1.0)

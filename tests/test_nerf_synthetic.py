@@ -102,7 +102,8 @@ def write_scene(root, frames, angle=2 * math.atan(0.5), side=64, extension=""):
         for i, matrix in enumerate(frames):
             rgba = rng.randint(0, 256, size=(side, side, 4)).astype(np.uint8)
             data_util.write_png(os.path.join(root, split, f"r_{i}.png"), rgba)
-            entries.append({"file_path": f"./{split}/r_{i}{extension}", "transform_matrix": np.asarray(matrix).tolist()})
+            entries.append({"file_path": f"./{split}/r_{i}{extension}",
+                            "transform_matrix": np.asarray(matrix).tolist()})
         with open(os.path.join(root, f"transforms_{split}.json"), "w") as handle:
             json.dump({"camera_angle_x": angle, "frames": entries}, handle)
 

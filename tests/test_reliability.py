@@ -137,7 +137,8 @@ def test_checkpoint_from_before_the_redesign_resumes(tmp_path, monkeypatch):
     from pytorch_prototyping import norm
     monkeypatch.setattr(norm, "_uses_accurate_statistics", lambda x, batch_stats: False)
     choose = performance.choose
-    monkeypatch.setattr(performance, "choose", lambda *a, **k: dataclasses.replace(choose(*a, **k), channels_last_2d=True))
+    monkeypatch.setattr(performance, "choose",
+                        lambda *a, **k: dataclasses.replace(choose(*a, **k), channels_last_2d=True))
     root = tmp_path / "data"
     make_synthetic_dataset(str(root), "cube", resolution=128, num_train=6, num_val=2, num_test=2, seed=3)
     argv = ["--train_test", "train", "--data_root", str(root / "train" / "cube"), "--logging_root",

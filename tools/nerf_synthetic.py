@@ -38,7 +38,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 import data_util
-from tools import colmap_import
+from tools import placement
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def place_grid(cam2worlds: np.ndarray, f: float, cx: float, cy: float, alphas: S
                           HULL_POINTS)
     low, high = box if box is not None else (low, high)
     origin = 0.5 * (low + high)
-    scale = colmap_import.grid_side(low, high, origin, margin)
+    scale = placement.grid_side(low, high, origin, margin)
     how = (f"box of the alpha masks' visual hull over {len(alphas)} training views, near the point the cameras "
            f"look at ({np.array2string(centre, precision=3)}), x (1 + 2 x margin {margin:g})")
     return origin, scale, how
@@ -206,7 +206,7 @@ def convert_scene(scene: str, out: str, name: str, resolution: int, background: 
     angle = splits["train"][0]
     first = load_rgba(splits["train"][1][0][0])
     height, width = first.shape[:2]
-    row0, col0, side = colmap_import.crop_window(height, width)
+    row0, col0, side = placement.crop_window(height, width)
     if resolution > side:
         raise data_util.DataError(f"--resolution {resolution} exceeds the {side} px square crop of the "
                                   f"{height}x{width} images")
@@ -237,19 +237,19 @@ def convert_scene(scene: str, out: str, name: str, resolution: int, background: 
     origin, scale = np.asarray(origin, dtype=np.float64), float(scale)
     if not scale > 0:
         raise data_util.DataError(f"--scale {scale} must be positive")
-    transform = colmap_import.colmap_to_dataset(origin, scale)
-    moved = {split: np.stack([colmap_import.move_camera(transform, pose) for _, pose in views])
+    transform = placement.to_dataset_world(origin, scale)
+    moved = {split: np.stack([placement.move_camera(transform, pose) for _, pose in views])
              for split, (_, views) in splits.items()}
-    near_plane, near_how, _ = colmap_import._near_plane(np.concatenate(list(moved.values())), near_plane)
+    near_plane, near_how, _ = placement.near_plane_for(np.concatenate(list(moved.values())), near_plane)
 
     zoom = resolution / side
     intrinsics = (f * zoom, (width / 2 - col0) * zoom - BLENDER_TO_CENTRE_PIXELS,
                   (height / 2 - row0) * zoom - BLENDER_TO_CENTRE_PIXELS)
     for split, (_, views) in splits.items():
-        rgb = [colmap_import.to_square(composite(rgba, background), resolution) for rgba in images[split]]
+        rgb = [placement.to_square(composite(rgba, background), resolution) for rgba in images[split]]
         sources = [os.path.relpath(path, scene) for path, _ in views]
-        colmap_import.write_object_folder(os.path.join(out, split, name), rgb, moved[split], intrinsics,
-                                          near_plane, transform, sources)
+        placement.write_object_folder(os.path.join(out, split, name), rgb, moved[split], intrinsics,
+                                      near_plane, transform, sources)
     return {"origin": origin, "scale": scale, "how": how, "near_plane": near_plane, "near_how": near_how,
             "f": intrinsics[0], "side": resolution, "counts": {s: len(v) for s, (_, v) in splits.items()},
             "source_size": (height, width)}
@@ -281,13 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--background", default="white",
                         help="colour the RGBA images are composited on: white (as papers report), black, or R,G,B "
                              "in [0, 1]")
-    parser.add_argument("--origin", type=float, nargs=3, metavar=("X", "Y", "Z"), default=None,
-                        help="grid centre in scene units (default: from the cameras and alpha masks)")
-    parser.add_argument("--scale", type=float, default=None, help="grid side in scene units (default: as --origin)")
-    parser.add_argument("--near_plane", type=float, default=None,
-                        help="near plane in grid sides (default: nearest grid corner over all cameras)")
-    parser.add_argument("--margin", type=float, default=0.1,
-                        help="free space each side of the object's box, fraction of its extent")
+    placement.add_grid_flags(parser, "scene units", "the cameras and the alpha masks")
     return parser
 
 
@@ -313,8 +307,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {data_util.one_line(err)}", file=sys.stderr)
         return 2
     height, width = summary["source_size"]
+    written = os.path.join(args.out, "{train,validation,test}", name)
     print(f"converted {', '.join(f'{n} {s}' for s, n in summary['counts'].items())} views ({height}x{width} -> "
-          f"{summary['side']} px, f {summary['f']:.2f} px) to {os.path.join(args.out, '{train,validation,test}', name)}")
+          f"{summary['side']} px, f {summary['f']:.2f} px) to {written}")
     print(f"grid: centre {np.array2string(summary['origin'], precision=4)}, side {summary['scale']:.4g} (scene units): "
           f"{summary['how']}; near plane {summary['near_plane']:.3f} grid sides")
     return 0
