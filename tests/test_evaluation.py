@@ -262,6 +262,17 @@ def test_psnr_of_identical_images_is_inf_without_warnings():
     assert metrics.ssim(img, img) == pytest.approx(1.0)
 
 
+def test_psnr_is_scikit_images():
+    from skimage.metrics import peak_signal_noise_ratio
+    rng = np.random.RandomState(1)
+    for shape in ((16, 16, 3), (7, 9, 3)):
+        target, pred = rng.uniform(size=shape), rng.uniform(size=shape).astype(np.float32)
+        expected = peak_signal_noise_ratio(target, pred.astype(np.float64), data_range=1.0)
+        assert metrics.psnr(pred, target) == pytest.approx(expected, rel=1e-12)
+    slightly_off = target + 1e-3
+    assert metrics.psnr(slightly_off, target) == pytest.approx(60.0, rel=1e-9)
+
+
 def test_lpips_unavailable_gives_one_notice(monkeypatch, caplog):
     monkeypatch.setitem(__import__("sys").modules, "lpips", None)  # makes `import lpips` fail
     with caplog.at_level(logging.INFO):
