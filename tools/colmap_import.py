@@ -359,10 +359,9 @@ def add_placement_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def check_placement_flags(args: argparse.Namespace) -> None:
+    placement.check_grid_flags(args)
     if not 0 <= args.trim < 0.5:
         raise data_util.DataError(f"--trim {args.trim} must lie in [0, 0.5)")
-    if args.margin < 0:
-        raise data_util.DataError(f"--margin {args.margin} must not be negative")
     if args.resolution is not None and args.resolution < 1:
         raise data_util.DataError(f"--resolution {args.resolution}: expected a positive number of pixels")
 

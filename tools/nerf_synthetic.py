@@ -294,8 +294,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         background = parse_background(args.background)
         if args.resolution < 1:
             raise data_util.DataError(f"--resolution {args.resolution}: expected a positive number of pixels")
-        if args.margin < 0:
-            raise data_util.DataError(f"--margin {args.margin} must not be negative")
+        placement.check_grid_flags(args)
         if not os.path.isfile(os.path.join(args.scene, SPLIT_FILES["train"])):
             raise data_util.DataError(f"{os.path.join(args.scene, SPLIT_FILES['train'])}: not found "
                                       "(--scene must be a NeRF-synthetic scene folder)")

@@ -314,3 +314,9 @@ def add_grid_flags(parser: argparse.ArgumentParser, units: str, placed_from: str
                              "(default: nearest grid corner over all cameras)")
     parser.add_argument("--margin", type=float, default=0.1,
                         help="free space each side of the object, fraction of its extent")
+
+
+def check_grid_flags(args: argparse.Namespace) -> None:
+    """Refuse override values no placement can use (the flags ``add_grid_flags`` declares)."""
+    if args.margin < 0:
+        raise data_util.DataError(f"--margin {args.margin} must not be negative")
