@@ -34,6 +34,7 @@ import viewer
 from deep_voxels import DeepVoxels
 from evaluation import Validator, ViewScorer, crop, render_poses, scores_line, to_uint16, write_test_outputs
 from losses import GANLoss, PatchDiscriminator
+from metrics import crop_border
 from options import FEATURE_MAP_SIZE
 from projection import EmptyFrustumError, IndexCache, ProjectionHelper
 from pytorch_prototyping import at_least_float32
@@ -403,11 +404,12 @@ def test(opt: Any, device: torch.device) -> dict[str, Any]:
     renders = render_poses(model, IndexCache(geometry, device), [it["pose"] for it in items], opt.view_batch,
                            amp_context(opt.amp, device), timings)
     for i, img, depth in tqdm(renders, total=len(items), desc="test", disable=None):
-        frames.append(to_uint16(crop(img)))  # the original's 16-bit renders, without the border
+        whole = to_uint16(img)
+        frames.append(np.ascontiguousarray(crop_border(whole)))  # the original's 16-bit renders, without the border
         data_util.write_png(os.path.join(traj_dir, f"img_{i:05d}.png"), frames[-1])
         depths.append(depth.float().cpu().numpy().transpose(1, 2, 0))
         if scorer is not None:
-            rows.append(scorer(i, frames[-1], items[i], uncropped_png=to_uint16(img)))
+            rows.append(scorer(i, frames[-1], items[i], uncropped_png=whole))
     summary = {"checkpoint": os.path.abspath(opt.checkpoint), "step": payload.get("step"), "num_views": len(items),
                "mean_forward_s": float(np.mean(timings)), "out_dir": traj_dir, "config": options.plain_config(opt)}
     video = write_test_outputs(traj_dir, items, frames, depths, rows, summary)
