@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU checks in one call, for a machine with CUDA: the device-aware tests on the GPU, then benchmarks/speed.py
-# at the default setting (fp32, TF32, bf16) and at the small setting.
+# GPU checks in one call, for a machine with CUDA: the device-aware tests on the GPU, benchmarks/speed.py
+# at the default setting (fp32, TF32, bf16) and at the small setting, then, where a clone of the original is in
+# benchmarks/original/deepvoxels, the whole training loop and test mode against it (benchmarks/vs_original.py).
 #
 #     PYTHON=python3 RESULTS=/tmp/gpu benchmarks/gpu_check.sh
 #
@@ -49,6 +50,12 @@ bench default_fp32
 bench default_bf16 --amp bf16
 bench default_tf32 --tf32
 bench small_fp32 --img_sidelength 128 --grid_dim 16 --num_grid_feats 8 --nf0 8
+
+if [ -d benchmarks/original/deepvoxels ]; then
+    part vs_original 420 "$PYTHON" benchmarks/vs_original.py --device "$DEVICE" --settings ${VS_SETTINGS:-demo paper} \
+        --markdown --save "$RESULTS/vs_original.json"
+    grep '^|' "$RESULTS/vs_original.log"
+fi
 
 for f in "$RESULTS"/speed_*.json; do
     [ -e "$f" ] && echo "$(basename "$f" .json): $(cat "$f")"

@@ -4,11 +4,12 @@
     .venv/bin/pip install opencv-python-headless      # the original reads images with cv2
     .venv/bin/python benchmarks/vs_original.py                       # the whole grid (about half an hour on 2 cores)
     .venv/bin/python benchmarks/vs_original.py --settings demo paper --steps 4
+    python3 benchmarks/vs_original.py --device cuda --settings demo paper   # on a GPU machine
 
 The original is copied to benchmarks/original/patched/ (git-ignored) and patched only as
-../shared/reference/README.md says: ``.cuda()`` -> CPU, floor division for the integer index divisions in
-projection.py, ``.contiguous()`` before ``.view(-1)`` on the cropped target, and the discriminator step
-that keeps PyTorch 1.0's arithmetic. Its own ``train()`` and ``test()`` then run unchanged, with their
+../shared/reference/README.md says: ``.cuda()`` -> CPU (unless ``--device cuda``), floor division for the
+integer index divisions in projection.py, ``.contiguous()`` before ``.view(-1)`` on the cropped target, and
+the discriminator step that keeps PyTorch 1.0's arithmetic. Its own ``train()`` and ``test()`` then run unchanged, with their
 defaults: 8 data-loader workers, a print and 8 scalars per step, image summaries and gate figures every
 100 steps.
 
@@ -80,8 +81,8 @@ def _replace(text: str, old: str, new: str, count: int, where: str) -> str:
     return text.replace(old, new)
 
 
-def patch_original() -> str:
-    """A fresh patched copy of the original in PATCHED_DIR; returns its path."""
+def patch_original(device: str) -> str:
+    """A fresh patched copy of the original in PATCHED_DIR, running on ``device`` (cpu or cuda); returns its path."""
     if not os.path.isfile(os.path.join(ORIGINAL_DIR, "run_deepvoxels.py")) or not os.path.isfile(
             os.path.join(ORIGINAL_DIR, "pytorch_prototyping", "pytorch_prototyping.py")):
         raise SystemExit(f"error: {ORIGINAL_DIR}: no checkout of the original with its submodule; clone it with "
@@ -95,7 +96,8 @@ def patch_original() -> str:
             path = os.path.join(folder, name)
             with open(path) as handle:
                 text = handle.read()
-            text = text.replace(".cuda()", ".cpu()").replace("torch.device('cuda')", "torch.device('cpu')")
+            if device == "cpu":
+                text = text.replace(".cuda()", ".cpu()").replace("torch.device('cuda')", "torch.device('cpu')")
             if name == "projection.py":  # PyTorch 1.0 floored integer tensor division
                 text = _replace(text, "lin_ind_volume / (", "lin_ind_volume // (", 2, path)
                 text = _replace(text, "tmp / self.grid_dims[0]", "tmp // self.grid_dims[0]", 2, path)
@@ -190,6 +192,8 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
     def timed_step(*a, **k):
         start = time.perf_counter()
         out = step(*a, **k)
+        if torch.cuda.is_available():  # the step's kernels done, so that the step's own time is measured
+            torch.cuda.synchronize()
         ends.append(time.perf_counter())
         inside.append(ends[-1] - start)
         return out
@@ -223,7 +227,7 @@ def run_child(kind: str, setting: Sequence[Any], args: argparse.Namespace, work:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--patched", PATCHED_DIR, "--ours", args.ours,
            "--data_root", os.path.join(work, "data", split, "cube"), "--logging_root", logs,
            "--checkpoint", checkpoint, "--warmup", str(args.warmup), "--steps", str(args.steps), "--flags",
-           *model_flags(setting)]
+           *model_flags(setting), *([] if kind.startswith("original") else ["--device", args.device])]
     with open(logs + ".out", "w") as out:
         proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT,
                               cwd=PATCHED_DIR if kind.startswith("original") else args.ours)
@@ -288,6 +292,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--work", default="", help="folder for the scene and the runs (default: a temporary one)")
     p.add_argument("--ours", default=REPO_ROOT,
                    help="checkout of this project to measure (default: this one); e.g. a worktree of an older commit")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both programs run")
     p.add_argument("--markdown", action="store_true", help="also print the table")
     p.add_argument("--save", default="", help="also write the final JSON to this file")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -305,12 +310,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if unknown:
         raise SystemExit(f"error: --settings: unknown {sorted(unknown)}; known: {[s[0] for s in SETTINGS]}")
     from performance import cpu_description
-    patch_original()
+    patch_original(args.device)
     args.ours = os.path.abspath(args.ours)
     work = args.work or tempfile.mkdtemp(prefix="vs_original-")
     os.makedirs(work, exist_ok=True)
     make_scene(work)
     print(f"cpu: {cpu_description()}", flush=True)
+    if args.device == "cuda":
+        import torch
+        print(f"gpu: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     rows = [measure(s, args, work) for s in SETTINGS if s[0] in args.settings]
     if args.markdown:
         print(markdown(rows))
