@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 import data_util
+import util
 from data_util import UINT16_MAX
 from deep_voxels import DeepVoxels
 from metrics import BORDER, LpipsScorer, psnr, ssim, write_metrics
@@ -52,7 +53,7 @@ def render_poses(model: DeepVoxels, indices: IndexCache, poses: Sequence[torch.T
     """
     with torch.no_grad(), autocast():
         if inpainted is None:
-            inpainted = model.inpaint(model.deepvoxels)
+            inpainted = inpaint_grid(model, autocast)
         for start in range(0, len(poses), view_batch):
             t0 = time.perf_counter()
             chunk = list(range(start, min(start + view_batch, len(poses))))
@@ -62,7 +63,8 @@ def render_poses(model: DeepVoxels, indices: IndexCache, poses: Sequence[torch.T
                     proj.append(indices.project(poses[i]))
                 except EmptyFrustumError as err:
                     raise EmptyFrustumError(f"view {i}: {err}") from None
-            images, depths = model.render(inpainted, [p[0] for p in proj], [p[1] for p in proj])
+            with util.cudnn_heuristics():
+                images, depths = model.render(inpainted, [p[0] for p in proj], [p[1] for p in proj])
             if images.device.type == "cuda":
                 torch.cuda.synchronize(images.device)
             if timings is not None:
@@ -73,7 +75,7 @@ def render_poses(model: DeepVoxels, indices: IndexCache, poses: Sequence[torch.T
 
 def inpaint_grid(model: DeepVoxels, autocast) -> torch.Tensor:
     """The model's grid after the inpainting net, (1, C, G, G, G): what every view of it is rendered from."""
-    with torch.no_grad(), autocast():
+    with torch.no_grad(), autocast(), util.cudnn_heuristics():
         return model.inpaint(model.deepvoxels)
 
 

@@ -64,6 +64,22 @@ def configure_backends(device: torch.device, tf32: bool = False) -> None:
     torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
+@contextlib.contextmanager
+def cudnn_heuristics() -> Iterator[None]:
+    """cuDNN's heuristic choice of convolution algorithms inside the block, instead of autotuning.
+
+    Autotuning (``configure_backends``) times every algorithm once per new input shape: it pays for the
+    training step, which repeats one shape for the whole run, but rendering meets new shapes (a batch of views,
+    the last smaller batch, one view in the viewer) only a few times, so there it costs more than it saves.
+    """
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
     random.seed(seed)

@@ -393,3 +393,33 @@ def test_uncropped_scores_cover_the_border():
     expected = metrics.psnr(to_uint16(render).astype(np.float64) / 65535.0, whole_gt)
     assert row["psnr_uncropped"] == pytest.approx(expected, rel=1e-9) and row["psnr_uncropped"] < 30
     assert row["ssim_uncropped"] < 0.99
+
+
+def test_rendering_chooses_cudnn_algorithms_by_heuristics_and_restores_autotuning():
+    """render_poses runs the inpainting and every batch of views without cuDNN autotuning (each new shape would
+    be timed against every algorithm) and leaves the process's setting as it found it."""
+    import evaluation
+    seen = []
+
+    class Model:
+        deepvoxels = torch.zeros(1)
+
+        def inpaint(self, grid):
+            seen.append(("inpaint", torch.backends.cudnn.benchmark))
+            return grid
+
+        def render(self, grid, lift, proj):
+            seen.append(("render", torch.backends.cudnn.benchmark))
+            return torch.zeros(len(lift), 3, 2, 2), torch.zeros(len(lift), 1, 2, 2)
+
+    indices = types.SimpleNamespace(project=lambda pose: (pose, pose))
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        views = list(evaluation.render_poses(Model(), indices, [torch.zeros(1)] * 3, 2, contextlib.nullcontext))
+        after = torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cudnn.benchmark = saved
+    assert [i for i, _, _ in views] == [0, 1, 2]
+    assert seen == [("inpaint", False), ("render", False), ("render", False)]
+    assert after is True
