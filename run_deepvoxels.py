@@ -375,7 +375,8 @@ def build_for_rendering(opt: Any, path: str, payload: dict, data_root: str, devi
                         ) -> tuple[ProjectionHelper, DeepVoxels]:
     """Geometry of ``data_root`` and the checkpoint's model in eval mode, with test mode's fast paths."""
     geometry = build_geometry(os.path.join(data_root, "intrinsics.txt"), opt.grid_dim, opt.near_plane, device)
-    model, _ = build_networks(opt, device)
+    with util.skip_initialisation():  # the checkpoint sets every weight
+        model, _ = build_networks(opt, device)
     checkpoints.load_weights(path, payload, model)
     compiled = getattr(opt, "compile", False)
     performance.enable(model, performance.choose(device, opt.img_sidelength, compiled=compiled, nf0=opt.nf0))

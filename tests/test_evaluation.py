@@ -423,3 +423,17 @@ def test_rendering_chooses_cudnn_algorithms_by_heuristics_and_restores_autotunin
     assert [i for i, _, _ in views] == [0, 1, 2]
     assert seen == [("inpaint", False), ("render", False), ("render", False)]
     assert after is True
+
+
+def test_networks_built_for_a_checkpoint_draw_no_random_weights():
+    """Inside util.skip_initialisation layers draw nothing (the RNG does not move); outside it they draw again."""
+    import util
+    state = torch.random.get_rng_state()
+    with util.skip_initialisation():
+        torch.nn.Conv2d(4, 4, 3)
+        torch.nn.BatchNorm2d(4)
+        with util.batchnorm_init_of_pytorch_1_0():
+            torch.nn.BatchNorm2d(4)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    torch.nn.Conv2d(4, 4, 3)
+    assert not torch.equal(torch.random.get_rng_state(), state)
