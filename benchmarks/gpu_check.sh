@@ -52,7 +52,7 @@ bench default_tf32 --tf32
 bench small_fp32 --img_sidelength 128 --grid_dim 16 --num_grid_feats 8 --nf0 8
 
 if [ -d benchmarks/original/deepvoxels ]; then
-    part vs_original 420 "$PYTHON" benchmarks/vs_original.py --device "$DEVICE" --settings ${VS_SETTINGS:-demo paper} \
+    part vs_original 420 "$PYTHON" benchmarks/vs_original.py --device "$DEVICE" --settings ${VS_SETTINGS:-small paper} \
         --markdown --save "$RESULTS/vs_original.json"
     grep '^|' "$RESULTS/vs_original.log"
 fi

@@ -48,8 +48,8 @@ NUM_TEST_POSES = 12
 
 # (name, img_sidelength, grid_dim, num_grid_feats, nf0): a dozen settings around the demo's and the paper's.
 SETTINGS = [
-    ("demo", 128, 16, 8, 8),
-    ("128-g16-f16", 128, 16, 16, 16),
+    ("small", 128, 16, 8, 8),
+    ("demo", 128, 16, 16, 16),  # configs/demo.yaml
     ("128-g32-f16", 128, 32, 16, 16),
     ("128-g32-f64", 128, 32, 64, 64),
     ("256-g16-f8", 256, 16, 8, 8),
