@@ -51,9 +51,9 @@ def render_poses(model: DeepVoxels, indices: IndexCache, poses: Sequence[torch.T
     (``inpaint_grid``), as the viewer does between frames. Raises EmptyFrustumError naming the view.
     ``autocast`` is a context factory (the run's precision); ``timings`` collects seconds per view.
     """
+    if inpainted is None:
+        inpainted = inpaint_grid(model, autocast)
     with torch.no_grad(), autocast():
-        if inpainted is None:
-            inpainted = inpaint_grid(model, autocast)
         for start in range(0, len(poses), view_batch):
             t0 = time.perf_counter()
             chunk = list(range(start, min(start + view_batch, len(poses))))

@@ -22,6 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import checkpoints  # noqa: E402  (this project's, found through REPO)
+
 CONFIG = os.path.join(REPO, "configs", "demo.yaml")
 # Flags that only training takes; test mode reads the model's from the checkpoint and rejects these.
 TRAIN_ONLY = {"--lr", "--l1_weight", "--num_trgt", "--max_steps", "--max_epoch", "--seed", "--batchnorm_init",
@@ -68,8 +71,6 @@ def run_arm(out: str, data: str, name: str, flags: Sequence[str], seed: int) -> 
                     os.path.join(data, "train", "cube"), "--seed", str(seed), *common, *flags],
                    cwd=REPO, check=True, capture_output=True)
     train_s = time.perf_counter() - start
-    sys.path.insert(0, REPO)
-    import checkpoints
     ckpt = checkpoints.newest_checkpoint(logs)
     result = subprocess.run([sys.executable, "run_deepvoxels.py", "--train_test", "test", "--data_root",
                              os.path.join(data, "test", "cube"), "--checkpoint", ckpt, *common, *test_flags(flags)],

@@ -9,9 +9,9 @@
 The original is copied to benchmarks/original/patched/ (git-ignored) and patched only as
 ../shared/reference/README.md says: ``.cuda()`` -> CPU (unless ``--device cuda``), floor division for the
 integer index divisions in projection.py, ``.contiguous()`` before ``.view(-1)`` on the cropped target, and
-the discriminator step that keeps PyTorch 1.0's arithmetic. Its own ``train()`` and ``test()`` then run unchanged, with their
-defaults: 8 data-loader workers, a print and 8 scalars per step, image summaries and gate figures every
-100 steps.
+the discriminator step that keeps PyTorch 1.0's arithmetic. Its own ``train()`` and ``test()`` then run
+unchanged, with their defaults: 8 data-loader workers, a print and 8 scalars per step, image summaries and
+gate figures every 100 steps.
 
 Both programs train on the same rendered scene (``python -m tools.dataset synthetic`` at 512 px; each
 loader resizes to the setting's side), each in a fresh process. Definitions:
