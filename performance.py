@@ -17,6 +17,9 @@ so a test can run the same step with any of them off:
   kernel (``OneDNNConv3d``).
 * ``channels_last_2d``: the 2D networks (feature extractor, rendering net, discriminator) take channels-last
   (N, H, W, C) activations; the generator's 2D convolution weights are stored so too.
+* ``heap_reuse``: glibc serves every block from its heap and keeps freed memory there for the next request,
+  instead of mapping each large block afresh from the kernel, which fills it with zeros one page fault at a
+  time, and unmapping it when it is freed (``reuse_heap``). Process-wide, and it stays on once set.
 
 Which of these pay depends on the machine: on a GPU the savers' Python work is not hidden behind the
 arithmetic; on a CPU the channels-last 2D kernels pay with AVX-512 and, with AVX2 alone, only for the
@@ -31,7 +34,9 @@ replication pad's backward reads only the shape of its input, so for it nothing 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import sys
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
@@ -371,6 +376,7 @@ class FastPaths:
     fused_adam: bool = False
     onednn_conv3d: bool = False
     channels_last_2d: bool = False
+    heap_reuse: bool = False
 
 
 def choose(device: torch.device, img_sidelength: int, save_memory: bool = False, distributed: bool = False,
@@ -380,7 +386,9 @@ def choose(device: torch.device, img_sidelength: int, save_memory: bool = False,
     come only with ``--save_memory``. The parameter-wise step cannot run under DDP (which all-reduces
     gradients after the hooks) nor with fp16's loss scaler (which must see every gradient first); under
     torch.compile the compiler decides what is kept. Channels-last 2D networks pay on GPUs and with AVX-512;
-    with AVX2 only for the narrowest networks, whose NCHW kernels are slower still."""
+    with AVX2 only for the narrowest networks, whose NCHW kernels are slower still. On Linux CPUs the
+    heap keeps its memory, since a step frees and allocates the same large blocks again and again, unless
+    memory comes first (``save_memory``): the gaps the heap cannot fill raise the peak."""
     cpu = device.type == "cpu"
     wide_vectors = cpu and "avx512f" in cpu_flags()
     return FastPaths(
@@ -391,12 +399,16 @@ def choose(device: torch.device, img_sidelength: int, save_memory: bool = False,
         fused_adam=device.type in ("cpu", "cuda"),
         onednn_conv3d=cpu,
         channels_last_2d=not cpu or wide_vectors or nf0 <= CHANNELS_LAST_2D_MAX_NF0_AVX2,
+        heap_reuse=cpu and not save_memory and sys.platform.startswith("linux"),
     )
 
 
 def enable(model: nn.Module, paths: FastPaths, discriminator: Optional[nn.Module] = None) -> None:
     """Switch ``paths`` on a DeepVoxels model and its discriminator (and the others off). Parameters stay the
-    same objects with the same values, and the state_dict is unchanged."""
+    same objects with the same values, and the state_dict is unchanged. ``heap_reuse`` is process-wide: once
+    on, it stays on."""
+    if paths.heap_reuse:
+        reuse_heap()
     for net in (model.feature_extractor, model.rendering_net):
         _set_2d_layout(net, paths.channels_last_2d)
     if discriminator is not None:  # its weights keep their layout, as the channels-last path was measured
@@ -408,6 +420,25 @@ def enable(model: nn.Module, paths: FastPaths, discriminator: Optional[nn.Module
     for module in model.modules():
         if type(module) in (nn.Conv3d, OneDNNConv3d) and module.kernel_size == (3, 3, 3):
             module.__class__ = OneDNNConv3d if paths.onednn_conv3d else nn.Conv3d
+
+
+# glibc's mallopt() parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_INT_MAX = 2 ** 31 - 1
+
+
+def reuse_heap() -> bool:
+    """Make glibc's malloc serve large blocks from its heap and keep freed memory for reuse: no block gets a
+    mapping of its own (glibc maps blocks from 32 MiB always, smaller ones until it has seen one freed), and
+    free memory at the top of the heap is kept (up to 2 GiB) rather than returned to the kernel. Both would
+    otherwise make the kernel zero-fill the same pages, one fault per 4 KiB, at every step. Peak memory grows
+    by whatever gaps the heap cannot fill. Returns False, changing nothing, where the C library is not glibc."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
 
 
 def _channels_last_input(_module: nn.Module, args: tuple) -> tuple:

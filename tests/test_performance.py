@@ -3,6 +3,8 @@ and the CPU kernel they steer to is the one that runs."""
 import contextlib
 import dataclasses
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ import data_util
 from deep_voxels import DeepVoxels
 from projection import ProjectionHelper
 import performance
+from conftest import REPO_ROOT
 from performance import FastPaths
 
 SIDE, GRID, MAP = 128, 16, 64
@@ -250,6 +253,36 @@ def test_fast_path_defaults_by_device():
             assert performance.choose(gpu, 128).channels_last_2d
     compiled = performance.choose(cpu, 512, save_memory=True, compiled=True)
     assert not (compiled.recompute_cheap_layers or compiled.recompute_full_resolution or compiled.recompute_view_volume)
+    assert performance.choose(cpu, 128).heap_reuse is sys.platform.startswith("linux")
+    assert not performance.choose(cpu, 512, save_memory=True).heap_reuse
+    assert not performance.choose(gpu, 512).heap_reuse
+
+
+# Run in a child process: the heap setting is process-wide. Fills and frees a 64 MiB tensor over and over and
+# prints the page faults of the last fill.
+_FAULTS_OF_A_REALLOCATED_BLOCK = """
+import resource, sys, torch, performance
+if sys.argv[1] == "reuse":
+    assert performance.reuse_heap()
+for _ in range(12):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = torch.ones(16 * 2 ** 20)
+    del block
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_heap_reuse_serves_freed_large_blocks_again_without_page_faults():
+    """Under glibc's defaults a 64 MiB block is a mapping of its own, so each new one faults on every 4 KiB page
+    (16384 of them). With ``reuse_heap`` the heap hands out freed memory again, its pages already there."""
+    def faults(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _FAULTS_OF_A_REALLOCATED_BLOCK, mode], cwd=REPO_ROOT,
+                             capture_output=True, text=True, check=True).stdout
+        return int(out.split()[-1])
+    pages = 64 * 2 ** 20 // 4096
+    assert faults("default") > pages // 2
+    assert faults("reuse") < pages // 20
 
 
 def test_enable_swaps_only_the_3x3x3_convolutions_and_keeps_the_state_dict():
