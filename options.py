@@ -125,7 +125,8 @@ def build_parser() -> configargparse.ArgumentParser:
     g.add_argument("--save_memory", action="store_true",
                    help="recompute more layers in the backward pass instead of keeping their activations (same "
                         "values, slower); on a GPU also step the generator parameter by parameter in its backward "
-                        "pass; on a Linux CPU leave glibc's heap to return freed memory")
+                        "pass; on a Linux CPU also keep glibc's default heap, which returns freed memory to the "
+                        "system (less memory, more page faults)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads of torch (0: torch's default)")
     for name in REMOVED_FLAGS:
         g.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)

@@ -429,10 +429,13 @@ _INT_MAX = 2 ** 31 - 1
 
 def reuse_heap() -> bool:
     """Make glibc's malloc serve large blocks from its heap and keep freed memory for reuse: no block gets a
-    mapping of its own (glibc maps blocks from 32 MiB always, smaller ones until it has seen one freed), and
-    free memory at the top of the heap is kept (up to 2 GiB) rather than returned to the kernel. Both would
-    otherwise make the kernel zero-fill the same pages, one fault per 4 KiB, at every step. Peak memory grows
-    by whatever gaps the heap cannot fill. Returns False, changing nothing, where the C library is not glibc."""
+    mapping of its own (by default glibc maps every block above its threshold, which starts at 128 KiB and
+    rises with each freed mapped block up to 32 MiB), and free memory at the top of the heap is kept (up to
+    2 GiB) rather than returned to the kernel. Both would otherwise make the kernel zero-fill the same pages,
+    one fault per 4 KiB, at every step. Peak memory grows by whatever gaps the heap cannot fill.
+
+    Returns False where the C library has no ``mallopt`` or refuses a setting. Under a preloaded allocator
+    (jemalloc, tcmalloc) it sets glibc's unused heap and has no effect."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):

@@ -379,7 +379,8 @@ def build_for_rendering(opt: Any, path: str, payload: dict, data_root: str, devi
         model, _ = build_networks(opt, device)
     checkpoints.load_weights(path, payload, model)
     compiled = getattr(opt, "compile", False)
-    performance.enable(model, performance.choose(device, opt.img_sidelength, compiled=compiled, nf0=opt.nf0))
+    performance.enable(model, performance.choose(device, opt.img_sidelength, getattr(opt, "save_memory", False),
+                                                 compiled=compiled, nf0=opt.nf0))
     if compiled:
         performance.compile_networks(model)
     return geometry, model.eval()

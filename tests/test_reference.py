@@ -166,8 +166,10 @@ def test_checkpoint_config_inferred_from_original_file(reference_dir):
     assert checkpoints.infer_model_flags(payload["model"]) == vars(SMALL)
 
 
-def test_cli_test_mode_writes_the_original_pngs(reference_dir, tmp_path, capsys, device):
-    """``--train_test test`` on the 6 reference poses: 16-bit renders and depth PNGs as the original wrote."""
+@pytest.mark.parametrize("extra", [[], ["--save_memory"]], ids=["default", "save_memory"])
+def test_cli_test_mode_writes_the_original_pngs(reference_dir, tmp_path, capsys, device, extra):
+    """``--train_test test`` on the 6 reference poses: 16-bit renders and depth PNGs as the original wrote, with
+    test mode's fast paths and with those of ``--save_memory``."""
     import shutil
 
     import data_util
@@ -179,7 +181,7 @@ def test_cli_test_mode_writes_the_original_pngs(reference_dir, tmp_path, capsys,
     code = run_deepvoxels.main(["--train_test", "test", "--data_root", str(data), "--logging_root",
                                 str(tmp_path / "logs"), "--checkpoint", os.path.join(reference_dir, "small_ckpt.pth"),
                                 "--img_sidelength", "128", "--grid_dim", "16", "--num_grid_feats", "8", "--nf0", "8",
-                                "--device", str(device)])
+                                "--device", str(device)] + extra)
     assert code == 0
     assert "Average forward pass time over 6 examples" in capsys.readouterr().out
     ref = np.load(os.path.join(reference_dir, "forward_test.npz"))
