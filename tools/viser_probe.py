@@ -39,6 +39,7 @@ class ViserProbe:
         self.width, self.height = width, height
         self.position, self.look_at = np.array([0.0, -3.0, 0.0]), np.zeros(3)
         self.up, self.fov = np.array([0.0, 0.0, 1.0]), 1.0
+        self._dragged = False  # the user has moved the camera: the server's initial camera no longer applies
         self.images: list[tuple[str, bytes]] = []  # (format, encoded bytes), oldest first
         self._received = threading.Condition()
         self._loop = asyncio.new_event_loop()
@@ -75,6 +76,8 @@ class ViserProbe:
         moved = False
         for msg in messages:
             kind = msg["type"]
+            if kind.startswith("SetCamera") and msg.get("initial") and self._dragged:
+                continue  # a page applies the server's initial camera when it loads, before any drag
             if kind == "SetCameraPositionMessage":
                 self.position, moved = np.array(msg["position"], np.float64), True
             elif kind == "SetCameraLookAtMessage":
@@ -102,8 +105,11 @@ class ViserProbe:
 
     def move(self, position: Sequence[float], look_at: Sequence[float], up: Sequence[float]) -> None:
         """Move the camera as a user's drag would: the page reports its new camera."""
-        self.position, self.look_at, self.up = (np.asarray(v, np.float64) for v in (position, look_at, up))
-        asyncio.run_coroutine_threadsafe(self._send_camera(), self._loop).result(10)
+        async def drag() -> None:  # on the probe's loop, so that no message being applied interleaves
+            self.position, self.look_at, self.up = (np.asarray(v, np.float64) for v in (position, look_at, up))
+            self._dragged = True
+            await self._send_camera()
+        asyncio.run_coroutine_threadsafe(drag(), self._loop).result(10)
 
     def wait_image(self, count: int, timeout: float = 60.0) -> np.ndarray:
         """The ``count``-th background image received (1 = the first), decoded to (H, W, 3) uint8."""
