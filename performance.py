@@ -22,8 +22,8 @@ so a test can run the same step with any of them off:
   time, and unmapping it when it is freed (``reuse_heap``). Process-wide, and it stays on once set.
 
 Which of these pay depends on the machine: on a GPU the savers' Python work is not hidden behind the
-arithmetic; on a CPU the channels-last 2D kernels pay with AVX-512 and, with AVX2 alone, only for the
-narrowest networks (``choose`` reads the CPU's flags; the measurements are in docs/performance.md).
+arithmetic; on a CPU the channels-last 2D kernels pay with AVX-512 and, with AVX2 alone, only when the
+narrowest networks render (``choose`` reads the CPU's flags; the measurements are in docs/performance.md).
 
 How cheap-layer recompute works: after each convolution the networks run a chain of cheap elementwise layers
 whose outputs autograd keeps, although they are quick functions of the convolution's output, which BatchNorm
@@ -362,8 +362,8 @@ def cpu_description() -> str:
            f"with {torch.get_num_threads()} threads"
 
 
-# Without AVX-512, oneDNN's channels-last 2D kernels beat its NCHW ones only for networks this narrow
-# (docs/performance.md, "The whole loop against the original, per CPU kind").
+# Without AVX-512, oneDNN's channels-last 2D kernels beat its NCHW ones only in the forward pass (rendering)
+# of networks this narrow (docs/performance.md, "The whole loop against the original, per CPU kind").
 CHANNELS_LAST_2D_MAX_NF0_AVX2 = 8
 
 
@@ -380,13 +380,17 @@ class FastPaths:
 
 
 def choose(device: torch.device, img_sidelength: int, save_memory: bool = False, distributed: bool = False,
-           loss_scaling: bool = False, compiled: bool = False, *, nf0: int = 64) -> FastPaths:
-    """The fast paths for a run (``nf0``: the width of the 2D U-Nets' outermost layers). On a GPU the savers'
-    Python work per layer and per parameter is not hidden behind the arithmetic as on a CPU, so there they
-    come only with ``--save_memory``. The parameter-wise step cannot run under DDP (which all-reduces
+           loss_scaling: bool = False, compiled: bool = False, *, nf0: int = 64, training: bool = True
+           ) -> FastPaths:
+    """The fast paths for a run (``nf0``: the width of the 2D U-Nets' outermost layers; ``training`` False for
+    a model that only renders: test mode, the checkpoint viewer). On a GPU the savers' Python work per layer
+    and per parameter is not hidden behind the arithmetic as on a CPU, so there they come only with
+    ``--save_memory``. The parameter-wise step cannot run under DDP (which all-reduces
     gradients after the hooks) nor with fp16's loss scaler (which must see every gradient first); under
     torch.compile the compiler decides what is kept. Channels-last 2D networks pay on GPUs and with AVX-512;
-    with AVX2 only for the narrowest networks, whose NCHW kernels are slower still. On Linux CPUs the
+    with AVX2 only when the narrowest networks render: there oneDNN's channels-last backward kernels are
+    slower than its NCHW ones, and channels-last training also needs the accurate BatchNorm statistics
+    (pytorch_prototyping/norm.py), which cost more than the narrow forward kernels save. On Linux CPUs the
     heap keeps its memory, since a step frees and allocates the same large blocks again and again, unless
     memory comes first (``save_memory``): the gaps the heap cannot fill raise the peak."""
     cpu = device.type == "cpu"
@@ -398,7 +402,7 @@ def choose(device: torch.device, img_sidelength: int, save_memory: bool = False,
         step_in_backward=not distributed and not loss_scaling and (cpu or save_memory),
         fused_adam=device.type in ("cpu", "cuda"),
         onednn_conv3d=cpu,
-        channels_last_2d=not cpu or wide_vectors or nf0 <= CHANNELS_LAST_2D_MAX_NF0_AVX2,
+        channels_last_2d=not cpu or wide_vectors or (not training and nf0 <= CHANNELS_LAST_2D_MAX_NF0_AVX2),
         heap_reuse=cpu and not save_memory and sys.platform.startswith("linux"),
     )
 

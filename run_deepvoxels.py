@@ -380,7 +380,7 @@ def build_for_rendering(opt: Any, path: str, payload: dict, data_root: str, devi
     checkpoints.load_weights(path, payload, model)
     compiled = getattr(opt, "compile", False)
     performance.enable(model, performance.choose(device, opt.img_sidelength, getattr(opt, "save_memory", False),
-                                                 compiled=compiled, nf0=opt.nf0))
+                                                 compiled=compiled, nf0=opt.nf0, training=False))
     if compiled:
         performance.compile_networks(model)
     return geometry, model.eval()

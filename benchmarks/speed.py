@@ -270,7 +270,7 @@ def run_test(args: argparse.Namespace) -> dict[str, Any]:
         model.deepvoxels.normal_(0.0, 0.1)
     # As run_deepvoxels.test sets up a model built from a checkpoint.
     performance.enable(model, performance.choose(device, opt.img_sidelength, opt.save_memory, compiled=opt.compile,
-                                                 nf0=opt.nf0))
+                                                 nf0=opt.nf0, training=False))
     if opt.compile:
         performance.compile_networks(model)
     model.eval()

@@ -249,7 +249,9 @@ def test_fast_path_defaults_by_device():
             patch.setattr(performance, "cpu_flags", lambda flags=flags: flags)
             assert performance.choose(cpu, 128).channels_last_2d is wide
             assert performance.choose(cpu, 512, nf0=16).channels_last_2d is wide
-            assert performance.choose(cpu, 512, nf0=8).channels_last_2d  # the narrowest nets: channels-last
+            # The narrowest nets: channels-last where they only render; NCHW in training, unless AVX-512.
+            assert performance.choose(cpu, 512, nf0=8, training=False).channels_last_2d
+            assert performance.choose(cpu, 512, nf0=8).channels_last_2d is wide
             assert performance.choose(gpu, 128).channels_last_2d
     compiled = performance.choose(cpu, 512, save_memory=True, compiled=True)
     assert not (compiled.recompute_cheap_layers or compiled.recompute_full_resolution or compiled.recompute_view_volume)
