@@ -13,7 +13,7 @@ import data_util
 import util
 from data_util import UINT16_MAX
 from deep_voxels import DeepVoxels
-from metrics import BORDER, LpipsScorer, psnr, ssim, write_metrics
+from metrics import BORDER, LpipsScorer, crop_border, psnr, ssim, ssim_whole_and_cropped, write_metrics
 from projection import EmptyFrustumError, IndexCache
 
 log = logging.getLogger("deepvoxels")
@@ -145,14 +145,20 @@ class ViewScorer:
 
     def __call__(self, index: int, png: np.ndarray, item: dict,
                  uncropped_png: Optional[np.ndarray] = None) -> dict[str, Any]:
-        pred, gt, p, s = score(png, item)
+        """The scores of ``png``, which is ``uncropped_png`` without its border where that is given."""
+        if uncropped_png is None:
+            pred, gt, p, s = score(png, item)
+        else:  # both SSIMs from one map
+            whole = uncropped_png.astype(np.float64) / UINT16_MAX
+            whole_gt = item["gt_rgb"].numpy().transpose(1, 2, 0) + 0.5
+            pred, gt = crop_border(whole), crop_border(whole_gt)
+            whole_ssim, s = ssim_whole_and_cropped(whole, whole_gt, BORDER)
+            p = psnr(pred, gt)
         row = {"view": index, "pose_file": os.path.basename(item["pose_path"]), "psnr": p, "ssim": s}
         if self.lpips.available:
             row["lpips"] = self.lpips(pred, gt)
         if uncropped_png is not None:
-            whole = uncropped_png.astype(np.float64) / UINT16_MAX
-            whole_gt = item["gt_rgb"].numpy().transpose(1, 2, 0) + 0.5
-            row["psnr_uncropped"], row["ssim_uncropped"] = psnr(whole, whole_gt), ssim(whole, whole_gt)
+            row["psnr_uncropped"], row["ssim_uncropped"] = psnr(whole, whole_gt), whole_ssim
         return row
 
 

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 # Pixels left out on every side: the original cropped 5 px from its test renders and from the
 # training loss ("boundary errors"). The one value for scoring, test renders and the loss.
 BORDER = 5
+SSIM_WINDOW = 7  # side of the uniform window of scikit-image's SSIM (its default)
 
 
 def crop_border(img: np.ndarray, border: int = BORDER) -> np.ndarray:
@@ -40,7 +41,19 @@ def ssim(pred: np.ndarray, target: np.ndarray) -> float:
     """Structural similarity (scikit-image defaults: 7x7 window, channels averaged), data range 1."""
     from skimage.metrics import structural_similarity
     return float(structural_similarity(target.astype(np.float64), pred.astype(np.float64), data_range=1.0,
-                                       channel_axis=-1))
+                                       channel_axis=-1, win_size=SSIM_WINDOW))
+
+
+def ssim_whole_and_cropped(pred: np.ndarray, target: np.ndarray, border: int = BORDER) -> tuple[float, float]:
+    """``ssim`` of the whole images and of the images without their ``border``, from one scikit-image SSIM
+    map: a pixel's value depends only on the window around it, and scikit-image averages the map without a
+    half window at every edge, so the cropped images' score is the mean of the map without ``border`` plus
+    that half window."""
+    from skimage.metrics import structural_similarity
+    whole, per_pixel = structural_similarity(target.astype(np.float64), pred.astype(np.float64), data_range=1.0,
+                                             channel_axis=-1, win_size=SSIM_WINDOW, full=True)
+    inside = crop_border(per_pixel, border + SSIM_WINDOW // 2)
+    return float(whole), float(np.mean([inside[..., c].mean() for c in range(inside.shape[-1])]))
 
 
 class LpipsScorer:

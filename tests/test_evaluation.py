@@ -273,6 +273,23 @@ def test_psnr_is_scikit_images():
     assert metrics.psnr(slightly_off, target) == pytest.approx(60.0, rel=1e-9)
 
 
+def test_ssim_of_the_cropped_images_from_the_whole_images_map():
+    """Test mode takes both SSIMs from one map: they equal scikit-image's scores of the whole and the cropped
+    images (a window one pixel off changes them at 1e-3)."""
+    from skimage.metrics import structural_similarity
+    rng = np.random.RandomState(2)
+    target = rng.uniform(size=(40, 36, 3))
+    pred = np.clip(target + rng.normal(scale=0.2, size=target.shape) * (np.arange(36) / 36)[:, None], 0, 1)
+    for border in (metrics.BORDER, 2):
+        whole, cropped = metrics.ssim_whole_and_cropped(pred, target, border)
+        assert whole == pytest.approx(structural_similarity(target, pred, data_range=1.0, channel_axis=-1),
+                                      rel=1e-12)
+        inner = (slice(border, -border), slice(border, -border))
+        assert cropped == pytest.approx(structural_similarity(target[inner], pred[inner], data_range=1.0,
+                                                              channel_axis=-1), rel=1e-12)
+        assert abs(cropped - whole) > 1e-3  # the crop matters for these images
+
+
 def test_lpips_unavailable_gives_one_notice(monkeypatch, caplog):
     monkeypatch.setitem(__import__("sys").modules, "lpips", None)  # makes `import lpips` fail
     with caplog.at_level(logging.INFO):
