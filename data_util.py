@@ -287,9 +287,9 @@ def write_png(path: PathLike, img: np.ndarray) -> None:
     height, width = img.shape[:2]
     writer = png.Writer(width=width, height=height, greyscale=img.ndim == 2, alpha=img.ndim == 3 and img.shape[2] == 4,
                         bitdepth=16 if img.dtype == np.uint16 else 8)
-    rows = img.reshape(height, -1)
+    rows = img.astype(">u2").view(np.uint8) if img.dtype == np.uint16 else img  # PNG's samples: big-endian
     with open(path, "wb") as fh:
-        writer.write(fh, (row.tolist() for row in rows))
+        writer.write_packed(fh, rows.reshape(height, -1))
 
 
 @contextlib.contextmanager
