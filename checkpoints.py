@@ -14,6 +14,7 @@ import pickle
 import random
 import re
 import tempfile
+import zipfile
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -133,16 +134,20 @@ def save_step(log_dir: str, epoch: int, step: int, payload: Mapping[str, Any], k
     return path
 
 
-def load(path: str, map_location: Any = "cpu") -> dict[str, Any]:
+def load(path: str, map_location: Any = "cpu", mapped: bool = False) -> dict[str, Any]:
     """Load a checkpoint of this project or of the original code.
 
     ``weights_only=True``: tensors, numbers, strings and containers only, so a file that would run code when
-    unpickled is refused and nothing in it runs.
+    unpickled is refused and nothing in it runs. ``mapped``: map the file into memory instead of reading it,
+    so that only the tensors used are read from disk: rendering uses the model's weights, not the optimizer
+    states that make up most of a training checkpoint. Only torch's zip format can be mapped; the original's
+    files (PyTorch 1.0's format) are read whole.
     """
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path}: no such file")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location=map_location, weights_only=True,
+                             mmap=mapped and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
         raise CheckpointError(f"checkpoint {path}: refused by the safe loader (weights_only=True): "
                               f"{_first_line(err)}") from err

@@ -390,7 +390,7 @@ def test(opt: Any, device: torch.device) -> dict[str, Any]:
     """Render every pose in data_root/pose: 16-bit PNGs, depth PNGs, a video and, where the folder has ground
     truth, PSNR/SSIM (metrics.csv, metrics.json) and a comparison strip."""
     import dataio
-    payload = checkpoints.load(opt.checkpoint)
+    payload = checkpoints.load(opt.checkpoint, mapped=True)
     flags = checkpoints.take_model_flags(opt.checkpoint, payload, opt)
     print("model flags from the checkpoint: " + ", ".join(f"{k} {v}" for k, v in flags.items()))
     geometry, model = build_for_rendering(opt, opt.checkpoint, payload, opt.data_root, device)

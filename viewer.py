@@ -461,7 +461,7 @@ def start_live(opt: Any, model: DeepVoxels, geometry: ProjectionHelper, autocast
 def load(checkpoint: str, data_root: str, device: torch.device, amp: str = "off") -> Renderer:
     """A Renderer of a checkpoint's model over the training set in ``data_root``."""
     import run_deepvoxels
-    payload = checkpoints.load(checkpoint)
+    payload = checkpoints.load(checkpoint, mapped=True)
     opt = argparse.Namespace(**options.MODEL_DEFAULTS, explicit_model_flags=[], batchnorm_init="uniform",
                              near_plane=(payload.get("config") or {}).get("near_plane", math.sqrt(3) / 2))
     checkpoints.take_model_flags(checkpoint, payload, opt)

@@ -209,6 +209,27 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
     assert os.listdir(tmp_path) == ["ckpt.pth"]
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's mappings (Linux)")
+def test_mapped_load_maps_zip_checkpoints_and_reads_the_originals_format(tmp_path):
+    """Test mode and the viewer map the checkpoint (only the weights they use are read from disk); the
+    original's format cannot be mapped and is read whole. Both give the saved values."""
+    payload = {"model": {"w": torch.arange(6.0)}, "optimizer_g": {"state": {0: {"exp_avg": torch.ones(4)}}}}
+    zipped, legacy = str(tmp_path / "zip.pth"), str(tmp_path / "legacy.pth")
+    torch.save(payload, zipped)
+    torch.save(payload, legacy, _use_new_zipfile_serialization=False)
+    for path, maps in ((zipped, True), (legacy, False)):
+        loaded = checkpoints.load(path, mapped=True)
+        with open("/proc/self/maps") as handle:
+            assert (os.path.realpath(path) in handle.read()) is maps, path
+        assert torch.equal(loaded["model"]["w"], payload["model"]["w"])
+        assert torch.equal(loaded["optimizer_g"]["state"][0]["exp_avg"], torch.ones(4))
+        del loaded
+    read = checkpoints.load(zipped)
+    with open("/proc/self/maps") as handle:
+        assert os.path.realpath(zipped) not in handle.read()  # training's resume reads the file
+    assert torch.equal(read["model"]["w"], payload["model"]["w"])
+
+
 @pytest.mark.parametrize("zip_writer", [False, True], ids=["oserror", "torch_zip_writer"])
 def test_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_good_checkpoint(data, tmp_path, capsys,
                                                                                       monkeypatch, zip_writer):
