@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 import data_util
+import performance
 import util
 from data_util import UINT16_MAX
 from deep_voxels import DeepVoxels
@@ -103,7 +104,8 @@ class Validator:
             log.info("validation folder %s has no rgb/ images; validation off", root)
             return None
         log.info("validation: %s", root)
-        return cls(dataset, IndexCache(geometry, device), opt.view_batch, opt.val_views)
+        view_batch = performance.views_per_forward(opt.view_batch, device, opt.img_sidelength)
+        return cls(dataset, IndexCache(geometry, device), view_batch, opt.val_views)
 
     def run(self, model: DeepVoxels, autocast, writer, step: int) -> Optional[float]:
         """Mean PSNR over the validation views (None when a view sees nothing); scalars and a strip to

@@ -106,7 +106,9 @@ def build_parser() -> configargparse.ArgumentParser:
     g.add_argument("--val_root", default="", help="validation object folder (default: the sibling validation/<object>)")
     g.add_argument("--val_every", type=int, default=1000, help="steps between validations (0: only at the end)")
     g.add_argument("--val_views", type=int, default=0, help="validation views rendered (0: all)")
-    g.add_argument("--view_batch", type=int, default=8, help="views rendered per forward pass in test mode and validation")
+    g.add_argument("--view_batch", type=int, default=0,
+                   help="views rendered per forward pass in test mode and validation (0: 8, and on a CPU no more "
+                        "than make 2 x 512^2 pixels: 2 views at 512 px)")
 
     g = p.add_argument_group("live viewer (python -m viewer shows a checkpoint)")
     g.add_argument("--live_viewer", action="store_true",
@@ -154,9 +156,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> configargparse.Namespace
     if str(opt.resume).lower() in ("true", "false"):  # a YAML boolean, as in configs written for the old switch
         opt.resume = "newest" if str(opt.resume).lower() == "true" else ""
     check_model_flags(opt)
-    for flag in ("num_grid_feats", "num_trgt", "checkpoint_every", "view_batch", "viewer_every"):
+    for flag in ("num_grid_feats", "num_trgt", "checkpoint_every", "viewer_every"):
         if getattr(opt, flag) < 1:
             raise util.UsageError(f"--{flag} {getattr(opt, flag)}: must be at least 1")
+    if opt.view_batch < 0:
+        raise util.UsageError(f"--view_batch {opt.view_batch}: must be 0 (the default for the device) or more")
     if opt.sampling_pattern != "all" and not re.fullmatch(r"skip_\d+", opt.sampling_pattern):
         raise util.UsageError(f"--sampling_pattern {opt.sampling_pattern!r}: expected 'all' or 'skip_N'")
     if opt.train_test == "test" and not opt.checkpoint:

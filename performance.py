@@ -335,6 +335,22 @@ def recompute_in_backward(fn: Callable, *args: torch.Tensor, modules: Optional[n
 CHEAP_RECOMPUTE_MIN_SIDELENGTH = 256
 
 
+# Views rendered per forward pass when --view_batch is 0: this many, and on a CPU no more than make this many
+# pixels. On a CPU a forward's full-resolution activations grow with its views (64 channels x 514^2 px are
+# 68 MB a view): fewer views keep them within the memory the heap has already touched and reuses.
+VIEWS_PER_FORWARD = 8
+CPU_PIXELS_PER_FORWARD = 2 * 512 * 512
+
+
+def views_per_forward(view_batch: int, device: torch.device, img_sidelength: int) -> int:
+    """``--view_batch``, or for 0 the default for this device and image size."""
+    if view_batch > 0:
+        return view_batch
+    if device.type != "cpu":
+        return VIEWS_PER_FORWARD
+    return max(1, min(VIEWS_PER_FORWARD, CPU_PIXELS_PER_FORWARD // img_sidelength ** 2))
+
+
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags as Linux names them (``avx2``, ``avx512f``, ``avx512_bf16``, ``amx_tile``...);
     empty where /proc/cpuinfo is not readable."""

@@ -403,7 +403,8 @@ def test(opt: Any, device: torch.device) -> dict[str, Any]:
     frames, depths, rows = [], [], []
     scorer = ViewScorer() if dataset.has_gt else None
     from tqdm import tqdm
-    renders = render_poses(model, IndexCache(geometry, device), [it["pose"] for it in items], opt.view_batch,
+    view_batch = performance.views_per_forward(opt.view_batch, device, opt.img_sidelength)
+    renders = render_poses(model, IndexCache(geometry, device), [it["pose"] for it in items], view_batch,
                            amp_context(opt.amp, device), timings)
     for i, img, depth in tqdm(renders, total=len(items), desc="test", disable=None):
         whole = to_uint16(img)

@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_memory", action="store_true",
                    help="turn the training-memory savers on (run_deepvoxels --save_memory)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--view_batch", type=int, default=8, help="views per forward in test rendering (run_deepvoxels default)")
+    p.add_argument("--view_batch", type=int, default=0,
+                   help="views per forward in test rendering (0: run_deepvoxels's default for the device and size)")
     # Benchmark flags.
     p.add_argument("--iters", type=int, default=5, help="timed training iterations (and test passes)")
     p.add_argument("--warmup", type=int, default=1, help="untimed training iterations (and test passes) first")
@@ -279,7 +280,8 @@ def run_test(args: argparse.Namespace) -> dict[str, Any]:
 
     def render_all() -> list:
         mappings = IndexCache(geometry, device)  # fresh: a test run sees each pose once
-        out = [img for _, img, _ in render_poses(model, mappings, poses, opt.view_batch, autocast)]
+        view_batch = performance.views_per_forward(opt.view_batch, device, opt.img_sidelength)
+        out = [img for _, img, _ in render_poses(model, mappings, poses, view_batch, autocast)]
         synchronize(device)
         return out
 

@@ -7,6 +7,7 @@ from torch import nn
 
 import checkpoints
 import options
+import performance
 import run_deepvoxels
 import util
 from tools.synthetic import make_synthetic_dataset
@@ -107,3 +108,14 @@ def test_model_flags_are_checked_before_anything_is_built():
                            (["--nf0", "1"], "--nf0 1")):
         with pytest.raises(util.UsageError, match=culprit):
             options.parse_args(["--train_test", "train", "--data_root", "x", "--logging_root", "y", *flags])
+
+
+def test_view_batch_zero_is_the_device_default_and_below_zero_is_one_line():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert [performance.views_per_forward(0, cpu, side) for side in (128, 256, 512, 1024)] == [8, 8, 2, 1]
+    assert performance.views_per_forward(0, gpu, 512) == performance.VIEWS_PER_FORWARD == 8
+    assert performance.views_per_forward(3, cpu, 512) == 3  # an explicit --view_batch is kept
+    base = ["--train_test", "train", "--data_root", "x", "--logging_root", "y"]
+    assert options.parse_args(base).view_batch == 0
+    with pytest.raises(util.UsageError, match=r"--view_batch -1: must be 0"):
+        options.parse_args([*base, "--view_batch", "-1"])
