@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--matching", choices=("auto", "exhaustive", "sequential"), default="auto",
                         help="image pairs matched: every pair (photos, up to a few hundred), or neighbours in name "
                              "order (video); auto: exhaustive for photos, sequential for video")
+    parser.add_argument("--sfm_threads", type=int, default=-1,
+                        help="threads for structure from motion (-1: all cores; 1: the same reconstruction every run)")
     parser.add_argument("--test_every", type=int, default=8,
                         help="every N-th registered view (by name) is held out for test (0: no test views)")
     parser.add_argument("--num_val", type=int, default=3,
@@ -135,6 +137,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise data_util.DataError(f"--fps {args.fps}: expected a positive number of frames per second")
         if args.test_every < 0 or args.num_val < 0:
             raise data_util.DataError("--test_every and --num_val must not be negative")
+        if args.sfm_threads == 0 or args.sfm_threads < -1:
+            raise data_util.DataError(f"--sfm_threads {args.sfm_threads}: expected -1 (all cores) or at least 1")
         source = args.images or args.video
         name = args.object or os.path.splitext(os.path.basename(os.path.normpath(source)))[0]
         with data_util.staged_folder(args.out) as staging:
@@ -166,7 +170,7 @@ def capture_to_dataset(args: argparse.Namespace, name: str, out: str) -> str:
     matching = args.matching if args.matching != "auto" else ("sequential" if args.video else "exhaustive")
 
     start = time.perf_counter()
-    raw_dir = colmap_import.run_sfm(image_dir, work, matching, image_names=names)
+    raw_dir = colmap_import.run_sfm(image_dir, work, matching, image_names=names, threads=args.sfm_threads)
     times["structure from motion"] = time.perf_counter() - start
     raw = colmap_import.read_model(raw_dir)
     registered = len(raw.images)

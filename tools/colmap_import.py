@@ -181,13 +181,14 @@ def shared_pinhole(model: SparseModel, max_focal_mismatch: float) -> tuple[Camer
 # ----------------------------------------------------------------------------- structure from motion (pycolmap)
 
 def run_sfm(image_dir: str, work_dir: str, matching: str = "exhaustive",
-            image_names: Sequence[str] = ()) -> str:
+            image_names: Sequence[str] = (), threads: int = -1) -> str:
     """SIFT features, matching and incremental mapping of every image in image_dir, all through pycolmap, with
     one shared SIMPLE_RADIAL camera. Returns the folder of the model with the most registered images.
 
     matching: "exhaustive" (every pair: unordered photos, up to a few hundred) or "sequential" (each image
     with its next neighbours by name: video frames). image_names: the images to use (default: every image
-    in image_dir and its subfolders).
+    in image_dir and its subfolders). threads: for every stage (-1: all cores); with 1 the same images give the
+    same reconstruction every run, which several threads, finishing in varying order, do not.
     """
     import pycolmap
     quiet_pycolmap()
@@ -196,19 +197,24 @@ def run_sfm(image_dir: str, work_dir: str, matching: str = "exhaustive",
     database = os.path.join(work_dir, "database.db")
     reader = pycolmap.ImageReaderOptions()
     reader.camera_model = SFM_CAMERA_MODEL
+    extraction, matcher = pycolmap.FeatureExtractionOptions(), pycolmap.FeatureMatchingOptions()
+    extraction.num_threads = matcher.num_threads = threads
     pycolmap.extract_features(database, image_dir, image_names=list(image_names),
-                              camera_mode=pycolmap.CameraMode.SINGLE, reader_options=reader, device=pycolmap.Device.cpu)
+                              camera_mode=pycolmap.CameraMode.SINGLE, reader_options=reader,
+                              extraction_options=extraction, device=pycolmap.Device.cpu)
     if matching == "sequential":
         pairing = pycolmap.SequentialPairingOptions()
-        pycolmap.match_sequential(database, pairing_options=pairing, device=pycolmap.Device.cpu)
+        pycolmap.match_sequential(database, matching_options=matcher, pairing_options=pairing,
+                                  device=pycolmap.Device.cpu)
     elif matching == "exhaustive":
-        pycolmap.match_exhaustive(database, device=pycolmap.Device.cpu)
+        pycolmap.match_exhaustive(database, matching_options=matcher, device=pycolmap.Device.cpu)
     else:
         raise data_util.DataError(f"--matching {matching!r}: expected 'exhaustive' or 'sequential'")
     sparse = os.path.join(work_dir, "sparse")
     os.makedirs(sparse, exist_ok=True)
     options = pycolmap.IncrementalPipelineOptions()
     options.random_seed = 0
+    options.num_threads = threads
     models = pycolmap.incremental_mapping(database, image_dir, sparse, options)
     if not models:
         raise _error(image_dir, "structure from motion registered no images (too little texture or overlap?)")
