@@ -287,9 +287,10 @@ def write_png(path: PathLike, img: np.ndarray) -> None:
     height, width = img.shape[:2]
     writer = png.Writer(width=width, height=height, greyscale=img.ndim == 2, alpha=img.ndim == 3 and img.shape[2] == 4,
                         bitdepth=16 if img.dtype == np.uint16 else 8)
-    rows = img.astype(">u2").view(np.uint8) if img.dtype == np.uint16 else img  # PNG's samples: big-endian
+    # Rows of bytes as PNG stores them (16-bit samples big-endian), from an array in row order.
+    packed = np.ascontiguousarray(img, dtype=">u2" if img.dtype == np.uint16 else np.uint8).view(np.uint8)
     with open(path, "wb") as fh:
-        writer.write_packed(fh, rows.reshape(height, -1))
+        writer.write_packed(fh, packed.reshape(height, -1))
 
 
 @contextlib.contextmanager

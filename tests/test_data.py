@@ -48,11 +48,17 @@ def _assert_one_line_naming(err: pytest.ExceptionInfo, path) -> None:
 
 # --------------------------------------------------------------------------------------------- images
 
+@pytest.mark.parametrize("layout", ["rows", "fortran", "strided"])
 @pytest.mark.parametrize("shape", [(6, 9), (6, 9, 3)])
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
-def test_png_round_trip_is_exact(tmp_path, shape, dtype):
+def test_png_round_trip_is_exact(tmp_path, shape, dtype, layout):
+    """Any memory layout: the writer hands pypng packed rows."""
     rng = np.random.RandomState(1)
     img = rng.randint(0, np.iinfo(dtype).max + 1, size=shape).astype(dtype)
+    if layout == "fortran":
+        img = np.asfortranarray(img)
+    elif layout == "strided":
+        img = np.repeat(img, 2, axis=1)[:, ::2]
     img[0, 0] = np.iinfo(dtype).max  # full range, so 16-bit values above 255 must survive
     path = tmp_path / "img.png"
     data_util.write_png(path, img)

@@ -17,6 +17,8 @@ import numpy as np
 
 HEADER_BYTES = 16  # two uint64: the payload's decompressed and compressed sizes
 ALIGNMENT = 8  # binary buffers after the payload start on 8-byte boundaries
+STATE_WAIT_S = 10.0  # for the server's first messages before the probe reports its camera
+POSE_MESSAGES = ("SetCameraPositionMessage", "SetCameraLookAtMessage", "SetCameraUpDirectionMessage")
 
 
 def camera_rotation(position: Sequence[float], look_at: Sequence[float], up: Sequence[float]) -> np.ndarray:
@@ -56,6 +58,10 @@ class ViserProbe:
         async with websockets.asyncio.client.connect(self.url, subprotocols=[self.subprotocol],
                                                      max_size=None, compression=None) as ws:
             self._ws = ws
+            try:  # the scene's stored state, the initial camera in it, comes first: a page loads it, then reports
+                self._apply(self._decode(await asyncio.wait_for(ws.recv(), STATE_WAIT_S)))
+            except asyncio.TimeoutError:
+                pass
             await self._send_camera()
             self._connected.set()
             async for raw in ws:
@@ -76,8 +82,8 @@ class ViserProbe:
         moved = False
         for msg in messages:
             kind = msg["type"]
-            if kind.startswith("SetCamera") and msg.get("initial") and self._dragged:
-                continue  # a page applies the server's initial camera when it loads, before any drag
+            if kind in POSE_MESSAGES and msg.get("initial") and self._dragged:
+                continue  # a page applies the server's initial pose when it loads, before any drag
             if kind == "SetCameraPositionMessage":
                 self.position, moved = np.array(msg["position"], np.float64), True
             elif kind == "SetCameraLookAtMessage":
