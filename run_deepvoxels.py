@@ -394,6 +394,8 @@ def test(opt: Any, device: torch.device) -> dict[str, Any]:
     flags = checkpoints.take_model_flags(opt.checkpoint, payload, opt)
     print("model flags from the checkpoint: " + ", ".join(f"{k} {v}" for k, v in flags.items()))
     geometry, model = build_for_rendering(opt, opt.checkpoint, payload, opt.data_root, device)
+    step = payload.get("step")
+    del payload  # the file stays mapped while its tensors are referenced
     dataset = dataio.TestDataset(opt.data_root, opt.img_sidelength)
     traj_dir = os.path.join(opt.logging_root, "test_traj", checkpoints.test_folder_name(opt, datetime.datetime.now()))
     os.makedirs(traj_dir, exist_ok=True)
@@ -413,8 +415,9 @@ def test(opt: Any, device: torch.device) -> dict[str, Any]:
         depths.append(depth.float().cpu().numpy().transpose(1, 2, 0))
         if scorer is not None:
             rows.append(scorer(i, frames[-1], items[i], uncropped_png=whole))
-    summary = {"checkpoint": os.path.abspath(opt.checkpoint), "step": payload.get("step"), "num_views": len(items),
-               "mean_forward_s": float(np.mean(timings)), "out_dir": traj_dir, "config": options.plain_config(opt)}
+    summary = {"checkpoint": os.path.abspath(opt.checkpoint), "step": step, "num_views": len(items),
+               "views_per_forward": view_batch, "mean_forward_s": float(np.mean(timings)), "out_dir": traj_dir,
+               "config": options.plain_config(opt)}
     video = write_test_outputs(traj_dir, items, frames, depths, rows, summary)
     print(f"Average forward pass time over {len(items)} examples is {summary['mean_forward_s']:f}")
     print(f"renders: {traj_dir}  depth: {os.path.join(traj_dir, 'depth')}  video: {video}")

@@ -395,11 +395,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.only in ("both", "test"):
         res.update(run_child(argv, "test"))
     peak = peaks["bf16"] if args.amp == "bf16" else peaks["fp32"]
+    import performance
+    import util
+    views = performance.views_per_forward(args.view_batch, util.resolve_device(args.device), args.img_sidelength)
     print(f"machine: {machine_name()}")
     print(f"config: img {args.img_sidelength}, grid {args.grid_dim}, feats {args.num_grid_feats}, nf0 {args.nf0}, "
           f"occlusion net {not args.no_occlusion_net}, amp {args.amp}, tf32 {args.tf32}, compile {args.compile}, "
           f"save_memory {args.save_memory}, "
-          f"view_batch {args.view_batch}, {args.iters} timed after {args.warmup} warm-up")
+          f"view_batch {args.view_batch} ({views} views per forward), {args.iters} timed after {args.warmup} warm-up")
     print(f"matmul peak: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s")
     if "train_times" in res:
         print("train iterations (s): " + ", ".join(f"{t:.3f}" for t in res["train_times"])
@@ -411,7 +414,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     summary: dict[str, Any] = {"config": {k: getattr(args, k) for k in (
         "img_sidelength", "grid_dim", "num_grid_feats", "nf0", "no_occlusion_net", "amp", "tf32", "compile", "view_batch",
-        "save_memory", "iters", "warmup")}}
+        "save_memory", "iters", "warmup")}, "views_per_forward": views}
     summary["peak_rss_mb"] = max(res.get("train_peak_rss_mb", 0.0), res.get("test_peak_rss_mb", 0.0))
     for key in ("train_s_per_iter", "test_s_per_view", "train_peak_rss_mb", "test_peak_rss_mb",
                 "train_process_peak_rss_mb"):

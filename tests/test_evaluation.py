@@ -173,6 +173,7 @@ def test_test_mode_metrics_recompute_from_pngs(run):
         summary = json.load(handle)
     assert summary["num_views"] == len(rows)
     assert summary["step"] == STEPS
+    assert summary["views_per_forward"] == 8  # --view_batch 0 at 128 px: the default batch
     assert summary["checkpoint"] == os.path.abspath(run.checkpoint)
     assert summary["config"]["grid_dim"] == 8
     for key in ("psnr", "ssim"):
