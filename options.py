@@ -107,8 +107,8 @@ def build_parser() -> configargparse.ArgumentParser:
     g.add_argument("--val_every", type=int, default=1000, help="steps between validations (0: only at the end)")
     g.add_argument("--val_views", type=int, default=0, help="validation views rendered (0: all)")
     g.add_argument("--view_batch", type=int, default=0,
-                   help="views rendered per forward pass in test mode and validation (0: 8, and on a CPU no more "
-                        "than make 2 x 512^2 pixels: 2 views at 512 px)")
+                   help="views rendered per forward pass in test mode and validation (0: 8 views, fewer on a CPU "
+                        "so that a forward renders at most 2 x 512^2 pixels: 2 views at 512 px)")
 
     g = p.add_argument_group("live viewer (python -m viewer shows a checkpoint)")
     g.add_argument("--live_viewer", action="store_true",
