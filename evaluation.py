@@ -139,28 +139,23 @@ class Validator:
 
 class ViewScorer:
     """Test mode's per-view scores of a written 16-bit render: PSNR, SSIM, and LPIPS where available, on the
-    image without its border as DeepVoxels scored; given the whole render too, PSNR and SSIM of the whole image
-    (``psnr_uncropped``, ``ssim_uncropped``), as NeRF-synthetic results are reported."""
+    image without its border as DeepVoxels scored, and PSNR and SSIM of the whole image (``psnr_uncropped``,
+    ``ssim_uncropped``), as NeRF-synthetic results are reported."""
 
     def __init__(self) -> None:
         self.lpips = LpipsScorer()
 
-    def __call__(self, index: int, png: np.ndarray, item: dict,
-                 uncropped_png: Optional[np.ndarray] = None) -> dict[str, Any]:
-        """The scores of ``png``, which is ``uncropped_png`` without its border where that is given."""
-        if uncropped_png is None:
-            pred, gt, p, s = score(png, item)
-        else:  # both SSIMs from one map
-            whole = uncropped_png.astype(np.float64) / UINT16_MAX
-            whole_gt = item["gt_rgb"].numpy().transpose(1, 2, 0) + 0.5
-            pred, gt = crop_border(whole), crop_border(whole_gt)
-            whole_ssim, s = ssim_whole_and_cropped(whole, whole_gt, BORDER)
-            p = psnr(pred, gt)
-        row = {"view": index, "pose_file": os.path.basename(item["pose_path"]), "psnr": p, "ssim": s}
+    def __call__(self, index: int, whole_png: np.ndarray, item: dict) -> dict[str, Any]:
+        """The scores of ``whole_png``, the (H, W, 3) uint16 render with its border."""
+        whole = whole_png.astype(np.float64) / UINT16_MAX
+        whole_gt = item["gt_rgb"].numpy().transpose(1, 2, 0) + 0.5
+        pred, gt = crop_border(whole), crop_border(whole_gt)
+        whole_ssim, cropped_ssim = ssim_whole_and_cropped(whole, whole_gt, BORDER)  # both from one SSIM map
+        row = {"view": index, "pose_file": os.path.basename(item["pose_path"]), "psnr": psnr(pred, gt),
+               "ssim": cropped_ssim}
         if self.lpips.available:
             row["lpips"] = self.lpips(pred, gt)
-        if uncropped_png is not None:
-            row["psnr_uncropped"], row["ssim_uncropped"] = psnr(whole, whole_gt), whole_ssim
+        row["psnr_uncropped"], row["ssim_uncropped"] = psnr(whole, whole_gt), whole_ssim
         return row
 
 

@@ -414,7 +414,7 @@ def test(opt: Any, device: torch.device) -> dict[str, Any]:
         data_util.write_png(os.path.join(traj_dir, f"img_{i:05d}.png"), frames[-1])
         depths.append(depth.float().cpu().numpy().transpose(1, 2, 0))
         if scorer is not None:
-            rows.append(scorer(i, frames[-1], items[i], uncropped_png=whole))
+            rows.append(scorer(i, whole, items[i]))
     summary = {"checkpoint": os.path.abspath(opt.checkpoint), "step": step, "num_views": len(items),
                "views_per_forward": view_batch, "mean_forward_s": float(np.mean(timings)), "out_dir": traj_dir,
                "config": options.plain_config(opt)}

@@ -278,9 +278,10 @@ def run_test(args: argparse.Namespace) -> dict[str, Any]:
     autocast = run_deepvoxels.amp_context(opt.amp, device)
     poses = load_poses()
 
+    view_batch = performance.views_per_forward(opt.view_batch, device, opt.img_sidelength)
+
     def render_all() -> list:
         mappings = IndexCache(geometry, device)  # fresh: a test run sees each pose once
-        view_batch = performance.views_per_forward(opt.view_batch, device, opt.img_sidelength)
         out = [img for _, img, _ in render_poses(model, mappings, poses, view_batch, autocast)]
         synchronize(device)
         return out

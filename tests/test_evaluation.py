@@ -399,13 +399,13 @@ def test_interpolate_command(tmp_path, capsys):
 def test_uncropped_scores_cover_the_border():
     """Test mode also scores the whole image (as NeRF-synthetic papers do): an error only in the border
     lowers the uncropped PSNR and leaves the cropped one perfect."""
-    from evaluation import ViewScorer, crop, to_uint16
+    from evaluation import ViewScorer, to_uint16
     gt = torch.rand(3, 32, 32) - 0.5
     render = gt.clone()
     render[:, :2, :] = 0.5 - render[:, :2, :]  # two rows of the border wrong
     item = {"gt_rgb": torch.from_numpy(to_uint16(gt).transpose(2, 0, 1) / 65535.0 - 0.5).float(),
             "pose_path": "000000.txt"}
-    row = ViewScorer()(0, to_uint16(crop(render)), item, uncropped_png=to_uint16(render))
+    row = ViewScorer()(0, to_uint16(render), item)
     assert row["psnr"] > 80 and row["ssim"] == pytest.approx(1.0, abs=1e-6)
     whole_gt = item["gt_rgb"].numpy().transpose(1, 2, 0) + 0.5
     expected = metrics.psnr(to_uint16(render).astype(np.float64) / 65535.0, whole_gt)
