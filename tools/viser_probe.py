@@ -18,7 +18,6 @@ import numpy as np
 HEADER_BYTES = 16  # two uint64: the payload's decompressed and compressed sizes
 ALIGNMENT = 8  # binary buffers after the payload start on 8-byte boundaries
 STATE_WAIT_S = 10.0  # for the server's first messages before the probe reports its camera
-POSE_MESSAGES = ("SetCameraPositionMessage", "SetCameraLookAtMessage", "SetCameraUpDirectionMessage")
 
 
 def camera_rotation(position: Sequence[float], look_at: Sequence[float], up: Sequence[float]) -> np.ndarray:
@@ -41,7 +40,6 @@ class ViserProbe:
         self.width, self.height = width, height
         self.position, self.look_at = np.array([0.0, -3.0, 0.0]), np.zeros(3)
         self.up, self.fov = np.array([0.0, 0.0, 1.0]), 1.0
-        self._dragged = False  # the user has moved the camera: the server's initial camera no longer applies
         self.images: list[tuple[str, bytes]] = []  # (format, encoded bytes), oldest first
         self._received = threading.Condition()
         self._loop = asyncio.new_event_loop()
@@ -82,8 +80,6 @@ class ViserProbe:
         moved = False
         for msg in messages:
             kind = msg["type"]
-            if kind in POSE_MESSAGES and msg.get("initial") and self._dragged:
-                continue  # a page applies the server's initial pose when it loads, before any drag
             if kind == "SetCameraPositionMessage":
                 self.position, moved = np.array(msg["position"], np.float64), True
             elif kind == "SetCameraLookAtMessage":
@@ -113,7 +109,6 @@ class ViserProbe:
         """Move the camera as a user's drag would: the page reports its new camera."""
         async def drag() -> None:  # on the probe's loop, so that no message being applied interleaves
             self.position, self.look_at, self.up = (np.asarray(v, np.float64) for v in (position, look_at, up))
-            self._dragged = True
             await self._send_camera()
         asyncio.run_coroutine_threadsafe(drag(), self._loop).result(10)
 
