@@ -330,9 +330,11 @@ def recompute_in_backward(fn: Callable, *args: torch.Tensor, modules: Optional[n
 # ----------------------------------------------------------------------------------------------------------
 # The switchboard
 
-# Cheap-layer recompute saves little on small images and costs Python work in its hooks per layer, so on a
-# CPU it starts at this image side (docs/performance.md has the measurements that set it).
-CHEAP_RECOMPUTE_MIN_SIDELENGTH = 256
+# Cheap-layer recompute frees memory in proportion to the 2D networks' outermost activations (nf0 x side^2
+# values per layer) and costs Python work in its hooks per layer plus a second pass of the cheap layers, which
+# only wide convolutions hide. So on a CPU it is on where those activations are large, from 512 px at nf0 32
+# (docs/performance.md has the measurements that set it): below, the memory it frees is small and its cost not.
+CHEAP_RECOMPUTE_MIN_FEATURE_PIXELS = 32 * 512 ** 2
 
 
 # Views rendered per forward pass when --view_batch is 0: this many, and on a CPU no more than make this many
@@ -412,7 +414,8 @@ def choose(device: torch.device, img_sidelength: int, save_memory: bool = False,
     cpu = device.type == "cpu"
     wide_vectors = cpu and "avx512f" in cpu_flags()
     return FastPaths(
-        recompute_cheap_layers=not compiled and (save_memory or (cpu and img_sidelength >= CHEAP_RECOMPUTE_MIN_SIDELENGTH)),
+        recompute_cheap_layers=not compiled and (
+            save_memory or (cpu and nf0 * img_sidelength ** 2 >= CHEAP_RECOMPUTE_MIN_FEATURE_PIXELS)),
         recompute_full_resolution=save_memory and not compiled,
         recompute_view_volume=save_memory and not compiled,
         step_in_backward=not distributed and not loss_scaling and (cpu or save_memory),

@@ -229,12 +229,12 @@ def test_generator_step_in_backward_matches_one_step_after_backward(device):
 
 
 def test_fast_path_defaults_by_device():
-    """CPU: cheap recompute from 256 px, the generator stepped in its backward pass, oneDNN 3D convolutions;
+    """CPU: cheap recompute where the outermost 2D activations are large, the generator stepped in its backward pass, oneDNN 3D convolutions;
     a GPU: the savers only with --save_memory; torchrun and fp16's loss scaler: no parameter-wise step."""
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    for side, cheap in ((128, False), (256, True), (512, True)):
-        assert performance.choose(cpu, side).recompute_cheap_layers is cheap, side
-        assert performance.choose(gpu, side).recompute_cheap_layers is False, side
+    for side, nf0, cheap in ((128, 64, False), (256, 64, False), (512, 16, False), (512, 32, True), (512, 64, True)):
+        assert performance.choose(cpu, side, nf0=nf0).recompute_cheap_layers is cheap, (side, nf0)
+        assert performance.choose(gpu, side, nf0=nf0).recompute_cheap_layers is False, (side, nf0)
     for device in (cpu, gpu):
         plain, saving = performance.choose(device, 512), performance.choose(device, 512, save_memory=True)
         assert saving.recompute_cheap_layers and saving.recompute_full_resolution and saving.recompute_view_volume
