@@ -9,8 +9,9 @@ so a test can run the same step with any of them off:
 * ``recompute_full_resolution`` and ``recompute_view_volume`` (``--save_memory``): the layers working at the
   image's full resolution, and each view volume with its occlusion net, keep no activations and run again in
   the backward pass (activation checkpointing that keeps dropout masks and BatchNorm statistics).
-* ``step_in_backward``: each generator parameter is stepped by its optimizer as soon as its gradient is
-  complete, and the gradient freed, so the generator's gradients never exist all at once.
+* ``step_in_backward``: generator parameters are stepped by their optimizer as soon as their gradients are
+  complete (a few megabytes of them at a time), and the gradients freed, so that the generator's gradients
+  never exist all at once.
 * ``fused_adam``: Adam in one fused kernel instead of per-parameter loops (same update up to rounding).
 * ``onednn_conv3d``: 3^3 convolutions on the CPU run through oneDNN in the channels-last layout, with the
   spatial axes reordered, and padded with zero channels where ATen would otherwise pick its slow im2col
@@ -497,30 +498,60 @@ def adam(params: Iterable[nn.Parameter], lr: float, paths: FastPaths) -> torch.o
     return torch.optim.Adam(params, lr=lr, fused=True) if paths.fused_adam else torch.optim.Adam(params, lr=lr)
 
 
+# The gradients the parameter-wise step holds back before it steps their parameters and frees them: a step
+# call costs Python work whatever its size, so parameters are stepped in batches of about this many bytes.
+STEP_IN_BACKWARD_BATCH_BYTES = 16 * 2 ** 20
+
+
 class GeneratorStepInBackward:
-    """Used as ``with stepper: loss.backward()``: while armed, each parameter is stepped by ``optimizer`` as
-    soon as its gradient is complete, and its gradient freed. The update is the same as one step after the
-    backward pass, parameter by parameter. Inert (the caller steps after the backward) unless ``enabled``."""
+    """Used as ``with stepper: loss.backward()``: while armed, parameters are stepped by ``optimizer`` as soon
+    as their gradients are complete, in batches of about ``STEP_IN_BACKWARD_BATCH_BYTES`` of gradients, which
+    are then freed; the last batch when the backward pass has finished. The update is the same as one step
+    after the backward pass. Inert (the caller steps after the backward) unless ``enabled``."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], enabled: bool):
         self.optimizer, self.enabled, self._armed = optimizer, enabled, False
+        self._group = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
+        self._ready: list[nn.Parameter] = []
+        self._ready_bytes = 0
         if enabled:
             for param in params:
-                param.register_post_accumulate_grad_hook(self._ready)
+                param.register_post_accumulate_grad_hook(self._on_gradient)
 
-    def _ready(self, param: nn.Parameter) -> None:
+    def _on_gradient(self, param: nn.Parameter) -> None:
         if self._armed:
-            # Every other gradient of the optimizer is None here (freed after its step, or not yet computed),
-            # so the step updates this parameter alone.
+            self._ready.append(param)
+            self._ready_bytes += param.grad.numel() * param.grad.element_size()
+            if self._ready_bytes >= STEP_IN_BACKWARD_BATCH_BYTES:
+                self._step_ready()
+
+    def _step_ready(self) -> None:
+        """Step the parameters whose gradients are ready, and free those gradients: each group lends the
+        optimizer a list of just its ready parameters for the call."""
+        groups = self.optimizer.param_groups
+        lists = [group["params"] for group in groups]
+        try:
+            for i, group in enumerate(groups):
+                group["params"] = [p for p in self._ready if self._group[id(p)] == i]
             self.optimizer.step()
+        finally:
+            for group, params in zip(groups, lists):
+                group["params"] = params
+        for param in self._ready:
             param.grad = None
+        self._ready, self._ready_bytes = [], 0
 
     def __enter__(self) -> "GeneratorStepInBackward":
         self._armed = self.enabled
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
         self._armed = False
+        try:
+            if exc_type is None and self._ready:
+                self._step_ready()
+        finally:
+            self._ready, self._ready_bytes = [], 0
 
 
 # ATen runs a CPU convolution through oneDNN only when batch * channels * (first spatial extent) * (second

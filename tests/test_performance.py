@@ -224,8 +224,28 @@ def _assert_same_training_state(a, b) -> None:
                 assert torch.equal(value, state_b["state"][key][field]), (which, key, field)
 
 
-def test_generator_step_in_backward_matches_one_step_after_backward(device):
-    _assert_same_training_state(_training_after_steps(True, device), _training_after_steps(False, device))
+@pytest.mark.parametrize("batch_bytes", [0, 2 ** 16, None])
+def test_generator_step_in_backward_matches_one_step_after_backward(device, batch_bytes, monkeypatch):
+    """Stepped parameter by parameter (0), in batches, and in the default batches (None): the same state as
+    one step after the backward pass, bit for bit; no batch holds more gradients than its size allows."""
+    if batch_bytes is not None:
+        monkeypatch.setattr(performance, "STEP_IN_BACKWARD_BATCH_BYTES", batch_bytes)
+    batches = []
+    step_ready = performance.GeneratorStepInBackward._step_ready
+
+    def counted(stepper):
+        batches.append([p.grad.numel() * p.grad.element_size() for p in stepper._ready])
+        step_ready(stepper)
+
+    monkeypatch.setattr(performance.GeneratorStepInBackward, "_step_ready", counted)
+    in_backward = _training_after_steps(True, device)
+    steps = 2
+    limit = performance.STEP_IN_BACKWARD_BATCH_BYTES
+    # A batch is stepped as soon as it reaches the limit: without its last gradient it was below it.
+    assert all(len(sizes) == 1 or sum(sizes[:-1]) < limit for sizes in batches)
+    if device.type == "cpu" and batch_bytes is not None:
+        assert len(batches) > steps  # several batches per backward pass: parameters stepped during it
+    _assert_same_training_state(in_backward, _training_after_steps(False, device))
 
 
 def test_fast_path_defaults_by_device():
