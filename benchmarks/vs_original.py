@@ -21,6 +21,7 @@ loader resizes to the setting's side), each in a fresh process. Definitions:
 * test s/view: wall time of test mode after ``import torch`` (the networks built, the checkpoint loaded,
   every pose rendered, PNGs and, for ours, the video and scores written) divided by the number of test
   poses. Both render the checkpoint that the original's run saved.
+With ``--rounds N`` both programs run N times per setting, in alternating order, and the times are pooled.
 Image summaries (every 100 steps), validation (every 1000) and checkpoints (every 10000) fall outside the
 timed window; their cost is reported per event for ours (``events``) and amortised in ``loop_total``.
 The last line printed is one JSON object; ``--markdown`` also prints the table for docs/performance.md.
@@ -250,21 +251,31 @@ def make_scene(work: str) -> None:
 
 
 def measure(setting: Sequence[Any], args: argparse.Namespace, work: str) -> dict[str, Any]:
-    checkpoint = os.path.join(work, f"original-{setting[0]}.pth")
-    orig = run_child("original-train", setting, args, work, checkpoint)
-    ours = run_child("ours-train", setting, args, work, checkpoint)
-    orig_test = run_child("original-test", setting, args, work, checkpoint)
-    ours_test = run_child("ours-test", setting, args, work, checkpoint)
+    """Both programs' training runs and test modes, ``args.rounds`` times, the order of the two swapped from one
+    round to the next so that a slow spell of a shared machine falls on both; times are pooled over the rounds."""
+    checkpoint = os.path.join(work, f"original-{setting[0]}.pth")  # the original's training run writes it
+    runs: dict[str, list[tuple[dict, dict]]] = {"original": [], "ours": []}
+    for round_ in range(args.rounds):
+        for program in ("original", "ours") if round_ % 2 == 0 else ("ours", "original"):
+            train = run_child(f"{program}-train", setting, args, work, checkpoint)
+            runs[program].append((train, run_child(f"{program}-test", setting, args, work, checkpoint)))
+
+    def pooled(program: str, key: str) -> list:
+        return [x for train, _ in runs[program] for x in train[key]]
+
+    events = {name: [t for train, _ in runs["ours"] for t in train["events"][name]]
+              for name in runs["ours"][0][0]["events"]}
     os.remove(checkpoint)
-    ev = {k: statistics.median(v) if v else None for k, v in ours["events"].items()}
-    loop = statistics.median(ours["loop"])
+    ev = {k: statistics.median(v) if v else None for k, v in events.items()}
+    loop = statistics.median(pooled("ours", "loop"))
     amortised = sum((ev[k] or 0) / every for k, every in
                     (("summary", SUMMARY_EVERY), ("validation", VAL_EVERY), ("checkpoint", CHECKPOINT_EVERY)))
-    row = {"setting": setting[0], "flags": " ".join(model_flags(setting)),
-           "original_loop_s": statistics.median(orig["loop"]), "ours_loop_s": loop,
-           "ours_step_s": statistics.median(ours["step"]), "ours_events_s": ev, "ours_loop_total_s": loop + amortised,
-           "original_test_s_per_view": orig_test["test_s"] / NUM_TEST_POSES,
-           "ours_test_s_per_view": ours_test["test_s"] / NUM_TEST_POSES}
+    row = {"setting": setting[0], "flags": " ".join(model_flags(setting)), "rounds": args.rounds,
+           "original_loop_s": statistics.median(pooled("original", "loop")), "ours_loop_s": loop,
+           "ours_step_s": statistics.median(pooled("ours", "step")), "ours_events_s": ev,
+           "ours_loop_total_s": loop + amortised,
+           "original_test_s_per_view": statistics.median(t["test_s"] for _, t in runs["original"]) / NUM_TEST_POSES,
+           "ours_test_s_per_view": statistics.median(t["test_s"] for _, t in runs["ours"]) / NUM_TEST_POSES}
     row["train_speedup"] = row["original_loop_s"] / row["ours_loop_total_s"]
     row["test_speedup"] = row["original_test_s_per_view"] / row["ours_test_s_per_view"]
     row["loop_overhead"] = 1 - row["ours_step_s"] / row["ours_loop_total_s"]
@@ -289,6 +300,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="names from SETTINGS (default: all)")
     p.add_argument("--steps", type=int, default=4, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first has one-off costs)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="runs of each program per setting, in alternating order; their times are pooled")
     p.add_argument("--work", default="", help="folder for the scene and the runs (default: a temporary one)")
     p.add_argument("--ours", default=REPO_ROOT,
                    help="checkout of this project to measure (default: this one); e.g. a worktree of an older commit")
