@@ -572,10 +572,9 @@ class OneDNNConv3d(nn.Conv3d):
 
     * For a batch of one with a 3^3 kernel, ATen picks its kernel from the first two spatial extents only
       (``ONEDNN_MIN_SIZE``), and the view volumes with few channels fall below it. A convolution does not
-      depend on the order of the spatial axes, so there input and kernel are permuted together (largest
-      extents first) and the output permuted back; when that is not enough, all-zero input channels (and zero
-      kernel slices) are appended, which add 0 to every sum. Above it the axes stay as they are, which spares
-      the two copies.
+      depend on the order of the spatial axes, so input and kernel are permuted together (largest extents
+      first) and the output permuted back; when that is not enough, all-zero input channels (and zero kernel
+      slices) are appended, which add 0 to every sum.
     * oneDNN's kernels for few channels are faster in channels-last than in (N, C, D, H, W), which it would
       otherwise reorder to blocked channels. The output stays channels-last, so the norms, activations and
       pads after it feed the next convolution without a copy.
@@ -586,7 +585,7 @@ class OneDNNConv3d(nn.Conv3d):
                 or isinstance(self.padding, str):
             return super()._conv_forward(x, weight, bias)
         order = (2, 3, 4)
-        if x.shape[0] == 1 and max(self.kernel_size) <= 3 and x.shape[1] * x.shape[2] * x.shape[3] <= ONEDNN_MIN_SIZE:
+        if x.shape[0] == 1 and max(self.kernel_size) <= 3:
             order = _largest_axes_first(x)
             plane = x.shape[0] * x.shape[order[0]] * x.shape[order[1]]
             if x.shape[1] * plane <= ONEDNN_MIN_SIZE:
