@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import util
-from performance import recompute_in_backward
+from recompute import recompute_in_backward
 from pytorch_prototyping import (Conv2dSame, Conv3dSame, DownsamplingNet, ReplicationPad3d, Unet, Unet3d, UpsamplingNet,
                                   at_least_float32)
 from pytorch_prototyping.norm import BatchNorm2d, BatchNorm3d

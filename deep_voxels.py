@@ -12,7 +12,7 @@ from torch import nn
 from custom_layers import FeatureExtractor, IntegrationNet, OcclusionNet, RenderingNet, coordinate_volume
 from projection import lift_features, sample_frustum
 from pytorch_prototyping import Conv2dSame, Unet3d
-from performance import recompute_cheap_layers, recompute_in_backward
+from recompute import recompute_cheap_layers, recompute_in_backward
 from pytorch_prototyping.norm import BatchNorm2d
 
 OCCNET_FEATURES = 4  # channels inside the occlusion net's 3D U-Net (original constant)

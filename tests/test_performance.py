@@ -16,6 +16,7 @@ import data_util
 from deep_voxels import DeepVoxels
 from projection import ProjectionHelper
 import performance
+import recompute as savers
 from conftest import REPO_ROOT
 from performance import FastPaths
 
@@ -62,7 +63,7 @@ def _train_step_grads(cheap: bool, heavy: bool, device: torch.device) -> tuple[d
 @pytest.mark.parametrize("heavy", [False, True], ids=["cheap_layers", "with_save_memory"])
 def test_memory_savers_leave_gradients_and_buffers_bit_identical(monkeypatch, heavy, device):
     remade, runs = [], []
-    make, run = performance._Recipe.make, performance._RunOnceThenRecompute.__call__
+    make, run = savers._Recipe.make, savers._RunOnceThenRecompute.__call__
 
     def counting_make(self):
         remade.append(type(self.layer))
@@ -72,8 +73,8 @@ def test_memory_savers_leave_gradients_and_buffers_bit_identical(monkeypatch, he
         runs.append(self.calls)
         return run(self, x)
 
-    monkeypatch.setattr(performance._Recipe, "make", counting_make)
-    monkeypatch.setattr(performance._RunOnceThenRecompute, "__call__", counting_run)
+    monkeypatch.setattr(savers._Recipe, "make", counting_make)
+    monkeypatch.setattr(savers._RunOnceThenRecompute, "__call__", counting_run)
     grads_on, buffers_on = _train_step_grads(cheap=True, heavy=heavy, device=device)
     kinds = {nn.ReflectionPad2d, nn.ReplicationPad3d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.LeakyReLU,
              nn.Dropout2d}
@@ -117,10 +118,10 @@ def test_cheap_layer_outputs_are_freed_and_made_again_exactly(monkeypatch, amp, 
         return torch.full(self.size, float("nan"), dtype=self.dtype, device=self.device).as_strided(
             self.size, self.stride)
 
-    monkeypatch.setattr(performance._ShapeOnly, "tensor", poisoned)
+    monkeypatch.setattr(savers._ShapeOnly, "tensor", poisoned)
     made = []
-    make = performance._Recipe._make
-    monkeypatch.setattr(performance._Recipe, "_make", lambda self: made.append(type(self.layer).__name__) or make(self))
+    make = savers._Recipe._make
+    monkeypatch.setattr(savers._Recipe, "_make", lambda self: made.append(type(self.layer).__name__) or make(self))
     nets = {recompute: _conv_chain().to(device) for recompute in (False, True)}
     watched = _watch_outputs(nets[True])
     x = torch.randn(2, 2, 8, 8).to(device)
@@ -128,7 +129,7 @@ def test_cheap_layer_outputs_are_freed_and_made_again_exactly(monkeypatch, amp, 
     for recompute, net in nets.items():
         inp = x.clone().requires_grad_()
         torch.manual_seed(5)  # the same channel dropout mask
-        saver = performance.recompute_cheap_layers(net) if recompute else contextlib.nullcontext()
+        saver = savers.recompute_cheap_layers(net) if recompute else contextlib.nullcontext()
         with saver, torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = net(inp)
         torch.manual_seed(6)  # the backward pass must not depend on the generator's state
@@ -152,7 +153,7 @@ def test_cheap_layer_outputs_are_freed_and_made_again_exactly(monkeypatch, amp, 
 def test_kept_input_changed_in_place_is_an_error():
     net = _conv_chain()
     x = torch.randn(2, 2, 8, 8, requires_grad=True)
-    with performance.recompute_cheap_layers(net):
+    with savers.recompute_cheap_layers(net):
         hidden = net[0](x)
         out = net[1:](hidden)
     with torch.no_grad():
@@ -163,7 +164,7 @@ def test_kept_input_changed_in_place_is_an_error():
 
 def test_parameters_changed_before_backward_are_an_error():
     net = _conv_chain()
-    with performance.recompute_cheap_layers(net):
+    with savers.recompute_cheap_layers(net):
         out = net(torch.randn(2, 2, 8, 8, requires_grad=True))
     with torch.no_grad():
         net[1].weight.add_(1.0)  # the BatchNorm whose output the last convolution needs
@@ -173,7 +174,7 @@ def test_parameters_changed_before_backward_are_an_error():
 
 def test_recompute_is_inert_without_gradients():
     net = _conv_chain()
-    with torch.no_grad(), performance.recompute_cheap_layers(net):
+    with torch.no_grad(), savers.recompute_cheap_layers(net):
         out = net(torch.randn(2, 2, 8, 8))
     assert out.grad_fn is None
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
