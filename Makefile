@@ -73,13 +73,14 @@ DEMO_SUMMARY := import json, sys; m = json.load(open(sys.argv[1])); \
 
 # Each run trains from scratch into a new timestamped folder; its path is taken from the line training
 # prints last ("checkpoints and logs: DIR"), and the test renders' folder from test mode's "renders: DIR".
+# Test mode renders the run's best.pth, the checkpoint that scored best on the validation views.
 demo: $(DEMO_STAMP)
 	mkdir -p $(DEMO_LOGS)
 	$(PY) run_deepvoxels.py --config $(DEMO_CONFIG) --train_test train \
 		--data_root $(DEMO_DATA)/train/$(DEMO_OBJECT) --logging_root $(DEMO_LOGS) $(DEMO_FLAGS) \
 		| tee $(DEMO_LOGS)/train.out
 	run_dir=$$(sed -n 's/^checkpoints and logs: //p' $(DEMO_LOGS)/train.out | tail -n 1); \
-	checkpoint=$$($(PY) -c 'import sys, checkpoints; print(checkpoints.list_checkpoints(sys.argv[1])[-1][1])' "$$run_dir"); \
+	checkpoint=$$($(PY) -c 'import sys, checkpoints; print(checkpoints.best_or_newest_in_run(sys.argv[1]))' "$$run_dir"); \
 	echo "testing $$checkpoint"; \
 	$(PY) run_deepvoxels.py --config $(DEMO_CONFIG) --train_test test \
 		--data_root $(DEMO_DATA)/test/$(DEMO_OBJECT) --logging_root $(DEMO_LOGS) --checkpoint "$$checkpoint" \

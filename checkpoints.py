@@ -75,6 +75,18 @@ def list_checkpoints(folder: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def best_or_newest_in_run(folder: str) -> str:
+    """A run's checkpoint to test: ``best.pth`` (the highest validation PSNR so far) where validation kept one,
+    otherwise its highest-step checkpoint. Raises CheckpointError when the folder holds neither."""
+    best = os.path.join(folder, BEST_NAME)
+    if os.path.isfile(best):
+        return best
+    found = list_checkpoints(folder)
+    if not found:
+        raise CheckpointError(f"run folder {folder}: no {BEST_NAME} and no step checkpoint")
+    return found[-1][1]
+
+
 def newest_checkpoint(logging_root: str) -> Optional[str]:
     """The step checkpoint with the highest step of all runs under ``logging_root``/logs (newest file on ties)."""
     candidates = []

@@ -166,6 +166,14 @@ def test_keep_newest_checkpoints_and_best(data, tmp_path):
     best = torch.load(os.path.join(folder, "best.pth"), weights_only=True)
     assert np.isfinite(best["best_psnr"])
     assert not [f for f in os.listdir(folder) if f.startswith(".tmp_")]
+    # What make demo tests: best.pth while there is one, else the newest step checkpoint.
+    assert checkpoints.best_or_newest_in_run(folder) == os.path.join(folder, "best.pth")
+    os.remove(os.path.join(folder, "best.pth"))
+    assert checkpoints.best_or_newest_in_run(folder) == checkpoints.list_checkpoints(folder)[-1][1]
+    for _, old in checkpoints.list_checkpoints(folder):
+        os.remove(old)
+    with pytest.raises(checkpoints.CheckpointError, match="no best.pth and no step checkpoint"):
+        checkpoints.best_or_newest_in_run(folder)
 
 
 @pytest.mark.slow
