@@ -280,6 +280,23 @@ def _largest_axes_first(x: torch.Tensor) -> tuple[int, int, int]:
     return tuple(sorted((2, 3, 4), key=lambda axis: -x.shape[axis]))  # sorted() is stable: ties keep order
 
 
+class _PermutedChannelsLast(torch.autograd.Function):
+    """``x.permute(axes)`` copied to the channels-last layout, whose gradient is copied back channels-last in
+    ``x``'s own axis order. With a plain ``permute(axes).contiguous(...)`` the layer before would receive a
+    gradient strided in the permuted order, which a replication pad's backward first copies to (N, C, D, H, W)
+    and then walks with its generic kernel. The values are the same either way; only their order in memory
+    differs."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
+        ctx.inverse = tuple(axes.index(axis) for axis in range(len(axes)))
+        return x.permute(axes).contiguous(memory_format=torch.channels_last_3d)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad.permute(ctx.inverse).contiguous(memory_format=torch.channels_last_3d), None
+
+
 class OneDNNConv3d(nn.Conv3d):
     """``nn.Conv3d`` that runs on CPU through oneDNN in the channels-last (N, D, H, W, C) layout; the same
     parameters and result up to float rounding.
@@ -298,7 +315,7 @@ class OneDNNConv3d(nn.Conv3d):
         if x.device.type != "cpu" or x.dim() != 5 or self.padding_mode != "zeros" or self.groups != 1 \
                 or isinstance(self.padding, str):
             return super()._conv_forward(x, weight, bias)
-        order = (2, 3, 4)
+        order, extra = (2, 3, 4), 0
         if x.shape[0] == 1 and max(self.kernel_size) <= 3:
             order = _largest_axes_first(x)
             plane = x.shape[0] * x.shape[order[0]] * x.shape[order[1]]
@@ -306,12 +323,15 @@ class OneDNNConv3d(nn.Conv3d):
                 extra = ONEDNN_MIN_SIZE // plane + 1 - x.shape[1]
                 if extra > x.shape[1]:  # would more than double the work: the slow kernel is cheaper
                     return super()._conv_forward(x, weight, bias)
-                x = torch.cat([x, x.new_zeros(x.shape[0], extra, *x.shape[2:])], dim=1)
-                weight = torch.cat([weight, weight.new_zeros(weight.shape[0], extra, *weight.shape[2:])], dim=1)
         axes = (0, 1, *order)
         spatial = [axis - 2 for axis in order]
-        out = nn.functional.conv3d(x.permute(axes).contiguous(memory_format=torch.channels_last_3d),
-                                   weight.permute(axes), bias, [self.stride[i] for i in spatial],
+        x, weight = _PermutedChannelsLast.apply(x, axes), weight.permute(axes)
+        if extra:
+            zeros = torch.empty((x.shape[0], extra, *x.shape[2:]), dtype=x.dtype, device=x.device,
+                                memory_format=torch.channels_last_3d).zero_()
+            x = torch.cat([x, zeros], dim=1).contiguous(memory_format=torch.channels_last_3d)
+            weight = torch.cat([weight, weight.new_zeros(weight.shape[0], extra, *weight.shape[2:])], dim=1)
+        out = nn.functional.conv3d(x, weight, bias, [self.stride[i] for i in spatial],
                                    [self.padding[i] for i in spatial], [self.dilation[i] for i in spatial], 1)
         back = [2 + order.index(axis) for axis in (2, 3, 4)]
         return out.permute(0, 1, *back).contiguous(memory_format=torch.channels_last_3d)

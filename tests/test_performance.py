@@ -348,6 +348,30 @@ def test_onednn_threshold_is_where_aten_switches_kernels(channels, expect_slow):
         torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("side", [24, 40], ids=["zero-channels-appended", "as-is"])
+def test_onednn_conv3d_returns_input_gradients_channels_last_in_the_inputs_axis_order(side):
+    """A view volume (D smaller than H and W) is convolved with its spatial axes reordered. The gradient of
+    its input must come back channels-last in the input's own order: a replication pad's backward, the layer
+    before every such convolution, copies any other layout to (N, C, D, H, W) first. Values as nn.Conv3d's."""
+    torch.manual_seed(0)
+    plain = nn.Conv3d(17, 4, 3)
+    fast = performance.OneDNNConv3d(17, 4, 3)
+    fast.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 17, 10, side, side).contiguous(memory_format=torch.channels_last_3d)
+    assert performance._largest_axes_first(x) != (2, 3, 4)
+    grads = []
+    for conv in (plain, fast):
+        leaf = x.clone().requires_grad_()
+        pad = nn.ReplicationPad3d(1)(leaf)
+        reaching_pad = []
+        pad.register_hook(reaching_pad.append)  # the gradient as the pad's backward receives it
+        conv(pad).square().sum().backward()
+        grads.append((reaching_pad[0], leaf.grad))
+    assert grads[1][0].is_contiguous(memory_format=torch.channels_last_3d)
+    for ours, reference in zip(grads[1], grads[0]):
+        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+
+
 def test_channels_last_2d_switches_weights_and_inputs_and_back():
     torch.manual_seed(0)
     model = DeepVoxels(SIDE, [MAP, MAP], [MAP, MAP], [GRID] * 3, num_grid_feats=8, nf0=8).eval()
