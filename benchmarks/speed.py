@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fast paths to turn on whatever performance.choose says, e.g. channels_last_2d")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also profile the last timed step (and test pass) and print its N costliest operators")
+    p.add_argument("--profile_shapes", action="store_true",
+                   help="with --profile: one row per operator and input shapes (which layer costs what)")
     p.add_argument("--child", choices=("train", "test"), default=None, help=argparse.SUPPRESS)
     return p
 
@@ -121,14 +123,15 @@ def count_flops(fn: Callable[[], Any]) -> tuple[Any, float]:
     return result, float(counter.get_total_flops())
 
 
-def print_profile(fn: Callable[[], Any], rows: int, what: str) -> None:
+def print_profile(fn: Callable[[], Any], rows: int, what: str, by_shape: bool = False) -> None:
     """Run ``fn`` once under torch.profiler and print its costliest operators by self time (to stderr, so that
-    the last line of stdout stays the JSON result)."""
+    the last line of stdout stays the JSON result); ``by_shape``: one row per operator and input shapes."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=by_shape) as prof:
         fn()
     print(f"profile of one {what}:", file=sys.stderr)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows), file=sys.stderr)
+    print(prof.key_averages(group_by_input_shape=by_shape).table(
+        sort_by="self_cpu_time_total", row_limit=rows, max_shapes_column_width=100), file=sys.stderr)
 
 
 def reset_peak_rss() -> bool:
@@ -241,7 +244,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             times.append(time.perf_counter() - t0)
     peak_mb, cuda_mb = peak_rss_mb(), cuda_peak_mb(device)
     if args.profile:
-        print_profile(lambda: step(0), args.profile, "train step")
+        print_profile(lambda: step(0), args.profile, "train step", args.profile_shapes)
     if flops is None:
         _, flops = count_flops(lambda: step(0))
     return {"train_times": times, "train_s_per_iter": statistics.median(times), "train_warmup_s": warm_s,
@@ -303,7 +306,7 @@ def run_test(args: argparse.Namespace) -> dict[str, Any]:
             times.append(elapsed)
     peak_mb, cuda_mb = peak_rss_mb(), cuda_peak_mb(device)
     if args.profile:
-        print_profile(render_all, args.profile, f"test pass over {len(poses)} views")
+        print_profile(render_all, args.profile, f"test pass over {len(poses)} views", args.profile_shapes)
     if flops is None:
         _, flops = count_flops(render_all)
     return {"test_times": times, "test_s_per_view": statistics.median(times), "test_flops_per_view": flops / len(poses),
