@@ -5,7 +5,7 @@ The method's code runs without any of them. ``choose`` picks the ones that pay o
 so a test can run the same step with any of them off:
 
 * ``recompute_cheap_layers``: outputs of BatchNorm, ReLU, dropout and padding layers are saved for the
-  backward pass as recipes (the layer and its input) and made again there, bit for bit (see below).
+  backward pass as recipes (the layer and its input) and made again there, bit for bit (``recompute.py``).
 * ``recompute_full_resolution`` and ``recompute_view_volume`` (``--save_memory``): the layers working at the
   image's full resolution, and each view volume with its occlusion net, keep no activations and run again in
   the backward pass (activation checkpointing that keeps dropout masks and BatchNorm statistics).
@@ -38,8 +38,6 @@ from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
-
-
 
 
 # ----------------------------------------------------------------------------------------------------------
