@@ -74,10 +74,12 @@ def batch_norm(x: torch.Tensor, running_mean: Optional[torch.Tensor], running_va
         return F.batch_norm(x, running_mean, running_var, weight, bias, batch_stats, momentum, eps)
     out, mean, var = _BatchStatisticsNorm.apply(x, weight, bias, eps)
     if running_mean is not None and momentum:
-        with torch.no_grad():
-            count = x.numel() // x.shape[1]
-            running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
-            running_var.mul_(1 - momentum).add_(var * (count / max(count - 1, 1)), alpha=momentum)
+        # Through ``.data``, whose version counter is its own: ATen's kernel updates the running statistics without
+        # counting a change either, and an earlier call on the same module that took ATen's kernel (an NCHW
+        # input) keeps them for its backward pass, which would otherwise refuse to run.
+        count = x.numel() // x.shape[1]
+        running_mean.data.mul_(1 - momentum).add_(mean, alpha=momentum)
+        running_var.data.mul_(1 - momentum).add_(var * (count / max(count - 1, 1)), alpha=momentum)
     return out
 
 

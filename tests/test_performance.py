@@ -456,3 +456,25 @@ def test_training_view_volume_is_kept_once_and_channels_last(monkeypatch):
     assert seen["conv_inputs"]
     for x in seen["conv_inputs"]:
         assert x.is_contiguous(memory_format=torch.channels_last_3d), tuple(x.shape)
+
+
+def test_batchnorm_called_in_both_layouts_before_one_backward_matches_nn_batchnorm():
+    """A BatchNorm module that sees an (N, C, H, W) input (ATen's kernel, which keeps the running statistics for
+    its backward pass) and then a channels-last one (the accurate statistics) before the first call's backward,
+    as the discriminator would if its inputs came in both layouts: the backward runs, and gradients and running
+    statistics are nn.BatchNorm2d's."""
+    from pytorch_prototyping import norm
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 6, 6)
+    ours, ref = norm.BatchNorm2d(4), nn.BatchNorm2d(4)
+    grads = []
+    for bn, second in ((ours, x.contiguous(memory_format=torch.channels_last)), (ref, x)):
+        first = x.clone().requires_grad_()
+        out = bn(first)
+        bn(2.0 * second)
+        out.square().sum().backward()
+        grads.append(first.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.running_mean, ref.running_mean, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-6, atol=1e-7)
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 2
