@@ -93,11 +93,6 @@ def cpu_description() -> str:
            f"with {torch.get_num_threads()} threads"
 
 
-# Without AVX-512, oneDNN's channels-last 2D kernels beat its NCHW ones only in the forward pass (rendering)
-# of networks this narrow (docs/performance.md, "The whole loop against the original, per CPU kind").
-CHANNELS_LAST_2D_MAX_NF0_AVX2 = 8
-
-
 @dataclass
 class FastPaths:
     recompute_cheap_layers: bool = False
@@ -118,12 +113,13 @@ def choose(device: torch.device, img_sidelength: int, save_memory: bool = False,
     and per parameter is not hidden behind the arithmetic as on a CPU, so there they come only with
     ``--save_memory``. The parameter-wise step cannot run under DDP (which all-reduces
     gradients after the hooks) nor with fp16's loss scaler (which must see every gradient first); under
-    torch.compile the compiler decides what is kept. Channels-last 2D networks pay on GPUs and with AVX-512;
-    with AVX2 only when the narrowest networks render: there oneDNN's channels-last backward kernels are
-    slower than its NCHW ones, and channels-last training also needs the accurate BatchNorm statistics
-    (pytorch_prototyping/norm.py), which cost more than the narrow forward kernels save. On Linux CPUs the
-    heap keeps its memory, since a step frees and allocates the same large blocks again and again, unless
-    memory comes first (``save_memory``): the gaps the heap cannot fill raise the peak."""
+    torch.compile the compiler decides what is kept. Channels-last 2D networks pay on GPUs and with AVX-512.
+    With AVX2 they are off in training, where oneDNN's channels-last backward kernels are slower than its NCHW
+    ones and channels-last needs the accurate BatchNorm statistics (pytorch_prototyping/norm.py), and on in a
+    model that only renders: there the view volume hands the rendering net channels-last features, oneDNN
+    follows the input's layout, and weights stored channels-last are not copied so at every call (same
+    pixels). On Linux CPUs the heap keeps its memory, since a step frees and allocates the same large blocks
+    again and again, unless memory comes first (``save_memory``): the gaps the heap cannot fill raise the peak."""
     cpu = device.type == "cpu"
     wide_vectors = cpu and "avx512f" in cpu_flags()
     return FastPaths(
@@ -134,7 +130,7 @@ def choose(device: torch.device, img_sidelength: int, save_memory: bool = False,
         step_in_backward=not distributed and not loss_scaling and (cpu or save_memory),
         fused_adam=device.type in ("cpu", "cuda"),
         onednn_conv3d=cpu,
-        channels_last_2d=not cpu or wide_vectors or (not training and nf0 <= CHANNELS_LAST_2D_MAX_NF0_AVX2),
+        channels_last_2d=not cpu or wide_vectors or not training,
         heap_reuse=cpu and not save_memory and sys.platform.startswith("linux"),
     )
 

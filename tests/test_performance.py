@@ -270,9 +270,10 @@ def test_fast_path_defaults_by_device():
             patch.setattr(performance, "cpu_flags", lambda flags=flags: flags)
             assert performance.choose(cpu, 128).channels_last_2d is wide
             assert performance.choose(cpu, 512, nf0=16).channels_last_2d is wide
-            # The narrowest nets: channels-last where they only render; NCHW in training, unless AVX-512.
-            assert performance.choose(cpu, 512, nf0=8, training=False).channels_last_2d
-            assert performance.choose(cpu, 512, nf0=8).channels_last_2d is wide
+            # Channels-last where the model only renders, at every width; NCHW in training, unless AVX-512.
+            for nf0 in (8, 64):
+                assert performance.choose(cpu, 512, nf0=nf0, training=False).channels_last_2d, nf0
+                assert performance.choose(cpu, 512, nf0=nf0).channels_last_2d is wide, nf0
             assert performance.choose(gpu, 128).channels_last_2d
     compiled = performance.choose(cpu, 512, save_memory=True, compiled=True)
     assert not (compiled.recompute_cheap_layers or compiled.recompute_full_resolution or compiled.recompute_view_volume)
@@ -406,6 +407,28 @@ def test_channels_last_2d_switches_weights_and_inputs_and_back():
         model.feature_extractor(image)
     assert seen[-1] is False  # the hook is gone
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_rendering_gets_channels_last_features_so_stored_channels_last_weights_leave_the_pixels_alone():
+    """Without autograd the view volume hands the rendering net channels-last features whatever the 2D layout
+    setting, so storing its weights channels-last (test mode's choice on every CPU) changes no pixel."""
+    torch.manual_seed(0)
+    model = DeepVoxels(SIDE, [MAP, MAP], [MAP, MAP], [GRID] * 3, num_grid_feats=8, nf0=16).eval()
+    model.deepvoxels.normal_(0.0, 0.1)
+    geometry = _geometry()
+    projections = [geometry.projection_indices(_pose(a)) for a in (40.0, 80.0)]
+    inputs = []
+    model.rendering_net.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
+    renders = []
+    for channels_last in (False, True):
+        performance.enable(model, FastPaths(channels_last_2d=channels_last))
+        with torch.no_grad():
+            renders.append(model.render(model.inpaint(model.deepvoxels), [p[0] for p in projections],
+                                        [p[1] for p in projections]))
+    assert len(inputs) == 2 and all(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+                                    for x in inputs)
+    for ours, reference in zip(renders[1], renders[0]):
+        assert torch.equal(ours, reference)
 
 
 def test_pads_keep_the_input_dtype_under_autocast():
