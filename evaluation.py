@@ -203,14 +203,27 @@ def write_comparison_strip(path: str, items: list[dict], frames: list[np.ndarray
     data_util.write_png(path, np.concatenate([np.concatenate(top, 1), np.concatenate(bottom, 1)], 0))
 
 
+# H.264 encoder tried first: the one imageio-ffmpeg prefers, named so that it skips its search (it lists
+# ffmpeg's encoders and test-encodes a clip with each until one works, two extra ffmpeg runs per video).
+VIDEO_CODEC = "libx264"
+
+
 def write_video(stem: str, frames: list[np.ndarray], fps: int = 24) -> str:
     """MP4 through imageio-ffmpeg, or a GIF when ffmpeg is unavailable. Returns the path written."""
     import imageio.v2 as imageio
     eight_bit = [(f / 257.0).round().astype(np.uint8) for f in frames]
-    try:
-        imageio.mimwrite(stem + ".mp4", eight_bit, fps=fps, macro_block_size=1)
-        return stem + ".mp4"
-    except Exception as err:  # no ffmpeg binary or codec
-        log.info("MP4 unavailable (%s); writing a GIF", str(err).splitlines()[0] if str(err) else err)
-        imageio.mimwrite(stem + ".gif", eight_bit, duration=1000.0 / fps)  # imageio takes GIF frame durations in ms
-        return stem + ".gif"
+    reason = ""
+    for codec in (VIDEO_CODEC, None):  # None: imageio-ffmpeg's search for another H.264 encoder
+        try:
+            imageio.mimwrite(stem + ".mp4", eight_bit, fps=fps, macro_block_size=1, codec=codec)
+        except Exception as err:  # no ffmpeg binary or codec
+            reason = str(err).splitlines()[0] if str(err) else repr(err)
+            continue
+        if os.path.isfile(stem + ".mp4") and os.path.getsize(stem + ".mp4") > 0:
+            return stem + ".mp4"
+        reason = f"ffmpeg wrote nothing with encoder {codec or 'found by search'}"  # imageio does not raise then
+    log.info("MP4 unavailable (%s); writing a GIF", reason)
+    if os.path.exists(stem + ".mp4"):
+        os.remove(stem + ".mp4")  # what a failed encoder left
+    imageio.mimwrite(stem + ".gif", eight_bit, duration=1000.0 / fps)  # imageio takes GIF frame durations in ms
+    return stem + ".gif"

@@ -455,3 +455,20 @@ def test_networks_built_for_a_checkpoint_draw_no_random_weights():
     assert torch.equal(torch.random.get_rng_state(), state)
     torch.nn.Conv2d(4, 4, 3)
     assert not torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_video_names_its_encoder_and_searches_only_when_it_fails(monkeypatch, tmp_path):
+    """The MP4 is written with libx264 named, without imageio-ffmpeg's encoder search (two extra ffmpeg runs);
+    if that encoder fails, the search finds another before test mode settles for a GIF."""
+    import evaluation
+    _io = pytest.importorskip("imageio_ffmpeg._io")
+    searched = []
+    search = _io.get_first_available_h264_encoder
+    monkeypatch.setattr(_io, "get_first_available_h264_encoder", lambda: searched.append(True) or search())
+    frames = [np.full((16, 16, 3), value, np.uint16) for value in (0, 30000, 65535)]
+    assert evaluation.write_video(str(tmp_path / "named"), frames) == str(tmp_path / "named.mp4")
+    assert not searched
+    monkeypatch.setattr(evaluation, "VIDEO_CODEC", "no_such_encoder")
+    written = evaluation.write_video(str(tmp_path / "searched"), frames)
+    assert searched and os.path.getsize(written) > 0
+    assert written.endswith(".mp4") or not os.path.exists(str(tmp_path / "searched.mp4"))
