@@ -1,10 +1,11 @@
 """Rendering a trained model's poses, and what test mode and validation make of the renders."""
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import time
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -72,6 +73,22 @@ def render_poses(model: DeepVoxels, indices: IndexCache, poses: Sequence[torch.T
                 timings.append((time.perf_counter() - t0) / len(chunk))
             for j, i in enumerate(chunk):
                 yield i, images[j], depths[j]
+
+
+def each_chunk_in_threads(views: Iterable[tuple], chunk: int, work: Callable[..., Any], threads: int) -> list:
+    """``[work(*view) for view in views]``, with the views of each chunk of ``chunk`` worked on in up to
+    ``threads`` threads at once. The next chunk is drawn only when they are done: drawing it renders it, which
+    on a CPU needs the cores the threads would take. PNG compression and scikit-image's SSIM release the GIL."""
+    results: list = []
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(chunk, threads))) as pool:
+        pending: list = []
+        for view in views:
+            pending.append(pool.submit(work, *view))
+            if len(pending) == chunk:
+                results += [future.result() for future in pending]
+                pending = []
+        results += [future.result() for future in pending]
+    return results
 
 
 def inpaint_grid(model: DeepVoxels, autocast) -> torch.Tensor:

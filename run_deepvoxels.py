@@ -32,7 +32,8 @@ import performance
 import util
 import viewer
 from deep_voxels import DeepVoxels
-from evaluation import Validator, ViewScorer, crop, render_poses, scores_line, to_uint16, write_test_outputs
+from evaluation import (Validator, ViewScorer, crop, each_chunk_in_threads, render_poses, scores_line, to_uint16,
+                        write_test_outputs)
 from losses import GANLoss, PatchDiscriminator
 from metrics import crop_border
 from options import FEATURE_MAP_SIZE
@@ -408,13 +409,19 @@ def test(opt: Any, device: torch.device) -> dict[str, Any]:
     view_batch = performance.views_per_forward(opt.view_batch, device, opt.img_sidelength)
     renders = render_poses(model, IndexCache(geometry, device), [it["pose"] for it in items], view_batch,
                            amp_context(opt.amp, device), timings)
-    for i, img, depth in tqdm(renders, total=len(items), desc="test", disable=None):
+
+    def finish(i: int, img: torch.Tensor, depth: torch.Tensor) -> tuple[np.ndarray, np.ndarray, Optional[dict]]:
         whole = to_uint16(img)
-        frames.append(np.ascontiguousarray(crop_border(whole)))  # the original's 16-bit renders, without the border
-        data_util.write_png(os.path.join(traj_dir, f"img_{i:05d}.png"), frames[-1])
-        depths.append(depth.float().cpu().numpy().transpose(1, 2, 0))
-        if scorer is not None:
-            rows.append(scorer(i, whole, items[i]))
+        frame = np.ascontiguousarray(crop_border(whole))  # the original's 16-bit renders, without the border
+        data_util.write_png(os.path.join(traj_dir, f"img_{i:05d}.png"), frame)
+        return frame, depth.float().cpu().numpy().transpose(1, 2, 0), scorer(i, whole, items[i]) if scorer else None
+
+    for frame, depth, row in each_chunk_in_threads(tqdm(renders, total=len(items), desc="test", disable=None),
+                                                   view_batch, finish, torch.get_num_threads()):
+        frames.append(frame)
+        depths.append(depth)
+        if row is not None:
+            rows.append(row)
     summary = {"checkpoint": os.path.abspath(opt.checkpoint), "step": step, "num_views": len(items),
                "views_per_forward": view_batch, "mean_forward_s": float(np.mean(timings)), "out_dir": traj_dir,
                "config": options.plain_config(opt)}

@@ -472,3 +472,32 @@ def test_video_names_its_encoder_and_searches_only_when_it_fails(monkeypatch, tm
     written = evaluation.write_video(str(tmp_path / "searched"), frames)
     assert searched and os.path.getsize(written) > 0
     assert written.endswith(".mp4") or not os.path.exists(str(tmp_path / "searched.mp4"))
+
+
+def test_each_chunk_in_threads_works_a_chunk_at_once_and_draws_the_next_after_it():
+    """Test mode's PNGs and scores: the views of one rendered chunk are worked on together, in order, and the
+    next chunk (whose drawing renders it) is drawn only when they are done; an error reaches the caller."""
+    import threading
+    import time
+    import evaluation
+    together = threading.Barrier(2, timeout=10)  # both views of a chunk must be in work at once
+    finished: list[int] = []
+
+    def views(count):
+        for i in range(count):
+            if i % 2 == 0:
+                assert sorted(finished) == list(range(i)), i  # the earlier chunks are done before this one is drawn
+            yield (i,)
+
+    def work(i):
+        together.wait()
+        time.sleep(0.02 if i % 2 == 0 else 0.0)  # the first of a pair finishes last
+        finished.append(i)
+        return i * i
+
+    assert evaluation.each_chunk_in_threads(views(6), 2, work, threads=2) == [0, 1, 4, 9, 16, 25]
+
+    def broken(i):
+        raise OSError(28, "No space left on device", f"img_{i:05d}.png")
+    with pytest.raises(OSError, match="No space left"):
+        evaluation.each_chunk_in_threads(((i,) for i in range(3)), 2, broken, threads=2)
