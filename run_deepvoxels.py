@@ -378,10 +378,11 @@ def build_for_rendering(opt: Any, path: str, payload: dict, data_root: str, devi
     geometry = build_geometry(os.path.join(data_root, "intrinsics.txt"), opt.grid_dim, opt.near_plane, device)
     with util.skip_initialisation():  # the checkpoint sets every weight
         model, _ = build_networks(opt, device)
-    checkpoints.load_weights(path, payload, model)
     compiled = getattr(opt, "compile", False)
+    # The layouts first: loading then copies each weight straight into its layout, with no second copy.
     performance.enable(model, performance.choose(device, opt.img_sidelength, getattr(opt, "save_memory", False),
                                                  compiled=compiled, nf0=opt.nf0, training=False))
+    checkpoints.load_weights(path, payload, model)
     if compiled:
         performance.compile_networks(model)
     return geometry, model.eval()
