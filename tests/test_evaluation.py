@@ -17,6 +17,8 @@ import math
 import os
 import shutil
 import struct
+import threading
+import time
 import types
 import warnings
 
@@ -27,6 +29,7 @@ import torch
 
 import checkpoints
 import data_util
+import evaluation
 import metrics
 import run_deepvoxels
 from conftest import TEST_DEVICE
@@ -416,7 +419,6 @@ def test_uncropped_scores_cover_the_border():
 def test_rendering_chooses_cudnn_algorithms_by_heuristics_and_restores_autotuning():
     """render_poses runs the inpainting and every batch of views without cuDNN autotuning (each new shape would
     be timed against every algorithm) and leaves the process's setting as it found it."""
-    import evaluation
     seen = []
 
     class Model:
@@ -460,7 +462,6 @@ def test_networks_built_for_a_checkpoint_draw_no_random_weights():
 def test_video_names_its_encoder_and_searches_only_when_it_fails(monkeypatch, tmp_path):
     """The MP4 is written with libx264 named, without imageio-ffmpeg's encoder search (two extra ffmpeg runs);
     if that encoder fails, the search finds another before test mode settles for a GIF."""
-    import evaluation
     _io = pytest.importorskip("imageio_ffmpeg._io")
     searched = []
     search = _io.get_first_available_h264_encoder
@@ -477,9 +478,6 @@ def test_video_names_its_encoder_and_searches_only_when_it_fails(monkeypatch, tm
 def test_each_chunk_in_threads_works_a_chunk_at_once_and_draws_the_next_after_it():
     """Test mode's PNGs and scores: the views of one rendered chunk are worked on together, in order, and the
     next chunk (whose drawing renders it) is drawn only when they are done; an error reaches the caller."""
-    import threading
-    import time
-    import evaluation
     together = threading.Barrier(2, timeout=10)  # both views of a chunk must be in work at once
     finished: list[int] = []
 
