@@ -18,6 +18,9 @@ so a test can run the same step with any of them off:
   kernel (``OneDNNConv3d``).
 * ``channels_last_2d``: the 2D networks (feature extractor, rendering net, discriminator) take channels-last
   (N, H, W, C) activations; the generator's 2D convolution weights are stored so too.
+* ``winograd_conv2d``: in a model that only renders, the generator's wide 3x3 convolutions compute each 2x2
+  block of outputs with Winograd's minimal filtering, 16 products per channel pair instead of 36, as 16
+  batched matrix products (``WinogradConv2d``).
 * ``heap_reuse``: glibc serves every block from its heap and keeps freed memory there for the next request,
   instead of mapping each large block afresh from the kernel, which fills it with zeros one page fault at a
   time, and unmapping it when it is freed (``reuse_heap``). Process-wide, and it stays on once set.
@@ -102,6 +105,7 @@ class FastPaths:
     fused_adam: bool = False
     onednn_conv3d: bool = False
     channels_last_2d: bool = False
+    winograd_conv2d: bool = False
     heap_reuse: bool = False
 
 
@@ -118,8 +122,10 @@ def choose(device: torch.device, img_sidelength: int, save_memory: bool = False,
     ones and channels-last needs the accurate BatchNorm statistics (pytorch_prototyping/norm.py), and on in a
     model that only renders: there the view volume hands the rendering net channels-last features, oneDNN
     follows the input's layout, and weights stored channels-last are not copied so at every call (same
-    pixels). On Linux CPUs the heap keeps its memory, since a step frees and allocates the same large blocks
-    again and again, unless memory comes first (``save_memory``): the gaps the heap cannot fill raise the peak."""
+    pixels). In a model that only renders on an AVX2 CPU the wide 3x3 convolutions run as Winograd's, which
+    oneDNN does not offer there; with AVX-512 it was not measured. On Linux CPUs the heap keeps its memory,
+    since a step frees and allocates the same large blocks again and again, unless memory comes first
+    (``save_memory``): the gaps the heap cannot fill raise the peak."""
     cpu = device.type == "cpu"
     wide_vectors = cpu and "avx512f" in cpu_flags()
     return FastPaths(
@@ -131,6 +137,7 @@ def choose(device: torch.device, img_sidelength: int, save_memory: bool = False,
         fused_adam=device.type in ("cpu", "cuda"),
         onednn_conv3d=cpu,
         channels_last_2d=not cpu or wide_vectors or not training,
+        winograd_conv2d=cpu and not wide_vectors and not training and not compiled,
         heap_reuse=cpu and not save_memory and sys.platform.startswith("linux"),
     )
 
@@ -152,6 +159,8 @@ def enable(model: nn.Module, paths: FastPaths, discriminator: Optional[nn.Module
     for module in model.modules():
         if type(module) in (nn.Conv3d, OneDNNConv3d) and module.kernel_size == (3, 3, 3):
             module.__class__ = OneDNNConv3d if paths.onednn_conv3d else nn.Conv3d
+        elif type(module) in (nn.Conv2d, WinogradConv2d) and WinogradConv2d.suits(module):
+            module.__class__ = WinogradConv2d if paths.winograd_conv2d else nn.Conv2d
 
 
 # glibc's mallopt() parameters (malloc.h).
@@ -329,3 +338,79 @@ class OneDNNConv3d(nn.Conv3d):
                                    [self.padding[i] for i in spatial], [self.dilation[i] for i in spatial], 1)
         back = [2 + order.index(axis) for axis in (2, 3, 4)]
         return out.permute(0, 1, *back).contiguous(memory_format=torch.channels_last_3d)
+
+
+# Winograd pays where the matrix products dominate. With fewer input channels than this the layer is bound by
+# memory traffic, and the transforms of its blocks cost more than the products they save (docs/performance.md).
+WINOGRAD_MIN_IN_CHANNELS = 256
+
+# F(2x2, 3x3)'s kernel transform (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", 2016).
+# Its input transform B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]] and output transform
+# A^T = [[1, 1, 1, 0], [0, 1, -1, -1]] are written out as sums in ``_winograd_3x3``.
+_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def _winograd_3x3(x: torch.Tensor, u: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Unpadded 3x3 convolution of ``x`` (N, C, H + 2, W + 2), H and W even, with the transformed kernel ``u``
+    (16, C, K); (N, K, H, W) in the channels-last layout. Every 2x2 output block is A^T [U . (B^T d B)] A of
+    its 4x4 input block d; the 16 elementwise products summed over channels are 16 matrix products. The
+    transforms work in place where they can, so that at most the blocks and their products are held."""
+    n, c, height, width = x.shape
+    rows, cols, k = (height - 2) // 2, (width - 2) // 2, u.shape[2]
+    nhwc = x.permute(0, 2, 3, 1)
+    v = x.new_empty(4, 4, n, rows, cols, c)  # B^T d, then B^T d B, with every block's (i, j) in v[i, j]
+    for j in range(4):
+        d0, d1, d2, d3 = (nhwc[:, i:i + 2 * rows:2, j:j + 2 * cols:2] for i in range(4))
+        torch.sub(d0, d2, out=v[0, j])
+        torch.add(d1, d2, out=v[1, j])
+        torch.sub(d2, d1, out=v[2, j])
+        torch.sub(d1, d3, out=v[3, j])
+    for i in range(4):
+        e0, e1, e2, e3 = v[i]
+        e0.sub_(e2)
+        torch.sub(e1, e3, out=e3)
+        e1_plus_e2 = e1 + e2
+        e2.sub_(e1)
+        e1.copy_(e1_plus_e2)
+    m = torch.bmm(v.view(16, -1, c), u).view(4, 4, n, rows, cols, k)
+    del v
+    m[0].add_(m[1]).add_(m[2])  # A^T m: its two rows in m[0] and m[1]
+    m[1].sub_(m[2]).sub_(m[3])
+    out = x.new_empty(n, rows, 2, cols, 2, k)
+    for r in range(2):  # then A^T along the other axis
+        torch.add(m[r, 0] + m[r, 1], m[r, 2], out=out[:, :, r, :, 0])
+        torch.sub(m[r, 1] - m[r, 2], m[r, 3], out=out[:, :, r, :, 1])
+    out = out.view(n, 2 * rows, 2 * cols, k)
+    if bias is not None:
+        out += bias
+    return out.permute(0, 3, 1, 2)
+
+
+class WinogradConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (3x3, stride 1, unpadded as in ``Conv2dSame``) that, without autograd, in float32 on a
+    CPU, computes each 2x2 block of outputs from its 4x4 block of inputs with Winograd's minimal filtering
+    F(2x2, 3x3): 16 products per pair of channels instead of 36, summed over the input channels by 16 batched
+    matrix products. The same parameters and result up to float rounding. With autograd or autocast, or for
+    odd output sizes, it is ``nn.Conv2d``. The transformed kernel is kept until the weight changes."""
+
+    @staticmethod
+    def suits(conv: nn.Conv2d) -> bool:
+        return conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (0, 0) \
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros" \
+            and conv.in_channels >= WINOGRAD_MIN_IN_CHANNELS
+
+    def _transformed_weight(self) -> torch.Tensor:
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.shape)
+        cached = getattr(self, "_winograd_cache", None)
+        if cached is None or cached[0] != key:
+            g = torch.tensor(_WINOGRAD_G, dtype=torch.float64)
+            u = torch.einsum("ai,kcij,bj->abck", g, self.weight.detach().double(), g)
+            self._winograd_cache = (key, u.reshape(16, self.in_channels, self.out_channels).float().contiguous())
+        return self._winograd_cache[1]
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4 \
+                or torch.is_autocast_enabled("cpu") or weight is not self.weight \
+                or x.shape[2] < 4 or x.shape[3] < 4 or x.shape[2] % 2 or x.shape[3] % 2:
+            return super()._conv_forward(x, weight, bias)
+        return _winograd_3x3(x, self._transformed_weight(), bias)

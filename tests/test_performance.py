@@ -275,6 +275,11 @@ def test_fast_path_defaults_by_device():
                 assert performance.choose(cpu, 512, nf0=nf0, training=False).channels_last_2d, nf0
                 assert performance.choose(cpu, 512, nf0=nf0).channels_last_2d is wide, nf0
             assert performance.choose(gpu, 128).channels_last_2d
+            # Winograd's 3x3 convolutions where the model only renders on an AVX2 CPU, as measured.
+            assert performance.choose(cpu, 512, training=False).winograd_conv2d is not wide
+            assert not performance.choose(cpu, 512, training=False, compiled=True).winograd_conv2d
+            assert not performance.choose(cpu, 512).winograd_conv2d
+            assert not performance.choose(gpu, 512, training=False).winograd_conv2d
     compiled = performance.choose(cpu, 512, save_memory=True, compiled=True)
     assert not (compiled.recompute_cheap_layers or compiled.recompute_full_resolution or compiled.recompute_view_volume)
     assert performance.choose(cpu, 128).heap_reuse is sys.platform.startswith("linux")
@@ -371,6 +376,73 @@ def test_onednn_conv3d_returns_input_gradients_channels_last_in_the_inputs_axis_
     assert grads[1][0].is_contiguous(memory_format=torch.channels_last_3d)
     for ours, reference in zip(grads[1], grads[0]):
         torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+
+
+def _winograd_pair(in_channels: int, out_channels: int, bias: bool) -> tuple[nn.Conv2d, nn.Conv2d]:
+    plain = nn.Conv2d(in_channels, out_channels, 3, bias=bias)
+    fast = performance.WinogradConv2d(in_channels, out_channels, 3, bias=bias)
+    fast.load_state_dict(plain.state_dict())
+    return plain, fast
+
+
+@pytest.mark.parametrize("in_channels,out_channels,side,bias,channels_last", [
+    (256, 32, 16, False, True), (64, 5, 10, True, False), (9, 7, 4, True, True), (300, 20, 2, False, True)])
+def test_winograd_conv2d_is_the_convolution_up_to_float_rounding(in_channels, out_channels, side, bias,
+                                                                  channels_last):
+    """Without autograd, F(2x2, 3x3) against the convolution in float64: within a float32 rounding bound of the
+    sums (|x| convolved with |w|), which a wrong transform, a flipped kernel or a misplaced block would exceed
+    by orders of magnitude; the output is channels-last, as oneDNN's for a channels-last input."""
+    torch.manual_seed(0)
+    plain, fast = _winograd_pair(in_channels, out_channels, bias)
+    x = torch.randn(2, in_channels, side + 2, side + 2)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ours = fast(x)
+        exact = nn.functional.conv2d(x.double(), plain.weight.double(), None if not bias else plain.bias.double())
+        magnitude = nn.functional.conv2d(x.double().abs(), plain.weight.double().abs()).max().item()
+    assert ours.shape == exact.shape and ours.is_contiguous(memory_format=torch.channels_last)
+    assert (ours.double() - exact).abs().max().item() <= 1e-6 * magnitude
+    assert (ours.double() - exact).abs().max().item() > 0  # it did not run the direct convolution in float64
+
+
+def test_winograd_conv2d_is_nn_conv2d_with_autograd_or_odd_sizes_and_follows_new_weights():
+    """With autograd (training) or an odd output size the module is nn.Conv2d, bit for bit; the transformed
+    kernel is made again when the weight changes (a checkpoint loaded into the model)."""
+    torch.manual_seed(0)
+    plain, fast = _winograd_pair(256, 8, True)
+    x = torch.randn(1, 256, 8, 8, requires_grad=True)
+    assert torch.equal(fast(x), plain(x)) and fast(x).requires_grad
+    with torch.no_grad():
+        odd = torch.randn(1, 256, 7, 9)
+        assert torch.equal(fast(odd), plain(odd))
+        before = fast(x)
+        plain.weight.mul_(-2.0)
+        fast.load_state_dict(plain.state_dict())
+        after, reference = fast(x), plain(x)
+    torch.testing.assert_close(after, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after - plain.bias[:, None, None], -2.0 * (before - plain.bias[:, None, None]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_enable_swaps_only_the_wide_3x3_convolutions_to_winograd_and_back():
+    torch.manual_seed(0)
+    model = DeepVoxels(SIDE, [MAP, MAP], [MAP, MAP], [GRID] * 3, num_grid_feats=8, nf0=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    convs = [m for m in model.modules() if type(m) is nn.Conv2d]
+    performance.enable(model, FastPaths(winograd_conv2d=True))
+    assert not any(type(m) is performance.WinogradConv2d for m in convs)  # nf0 8: none as wide as 256
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(performance, "WINOGRAD_MIN_IN_CHANNELS", 64)
+        performance.enable(model, FastPaths(winograd_conv2d=True))
+        swapped = [m for m in convs if type(m) is performance.WinogradConv2d]
+        assert swapped and all(m.kernel_size == (3, 3) and m.stride == (1, 1) and m.in_channels >= 64
+                               for m in swapped)
+        assert all(m.kernel_size != (3, 3) or m.in_channels < 64 for m in convs if type(m) is nn.Conv2d)
+        assert model.state_dict().keys() == before.keys()
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        performance.enable(model, FastPaths())
+    assert {type(m) for m in convs} == {nn.Conv2d}
 
 
 def test_channels_last_2d_switches_weights_and_inputs_and_back():

@@ -123,6 +123,27 @@ def test_test_mode_renders_and_depths(reference_dir, geometry, small_model, devi
         np.testing.assert_allclose(_np(cropped), ref[f"rendered_cropped_{i}"], atol=ATOL, rtol=0)
 
 
+def test_test_mode_renders_with_winograd_convolutions(reference_dir, geometry, small_checkpoint, device,
+                                                      monkeypatch):
+    """Test mode's fast paths on the CPU, with every 3x3 convolution through Winograd's F(2x2, 3x3) (by default
+    only those with 256 input channels and more, which this small model does not have): the original's renders."""
+    import performance
+    if device.type != "cpu":
+        pytest.skip("Winograd's convolutions are a CPU path")
+    monkeypatch.setattr(performance, "WINOGRAD_MIN_IN_CHANNELS", 1)
+    model, _ = _build_model(SMALL)
+    model.load_state_dict(small_checkpoint["model"], strict=True)
+    performance.enable(model, performance.FastPaths(channels_last_2d=True, winograd_conv2d=True, onednn_conv3d=True))
+    assert sum(type(m) is performance.WinogradConv2d for m in model.rendering_net.modules()) >= 10
+    ref = np.load(os.path.join(reference_dir, "forward_test.npz"))
+    proj = [geometry.projection_indices(torch.from_numpy(ref[f"pose_{i}"])) for i in range(NUM_POSES)]
+    with torch.no_grad():
+        images, depths = model.eval()(None, [p[0] for p in proj], [p[1] for p in proj])
+    for i in range(NUM_POSES):
+        np.testing.assert_allclose(_np(images[i]), ref[f"rendered_full_{i}"], atol=ATOL, rtol=0)
+        np.testing.assert_allclose(_np(depths[i]), ref[f"depth_raw_{i}"], atol=ATOL, rtol=0)
+
+
 def test_occlusion_weights_and_rendering_input(reference_dir, geometry, small_model, device):
     ref = np.load(os.path.join(reference_dir, "forward_test.npz"))
     from projection import sample_frustum
