@@ -5,8 +5,9 @@ precision, one position after the other (forward: mean and variance; backward: `
 ``sum(dy * (x - mean))``), so their rounding error grows with the number of positions; the NCHW kernels the
 original DeepVoxels ran on do not. The U-Nets pass that error on to the BatchNorms at their bottom, which
 normalise over a handful of values and amplify it (docs/differences.md has the figures). Here the statistics
-and the backward's two sums come from ATen's reductions (pairwise summation, accurate in any layout); the
-normalisation itself is ATen's batch_norm with those statistics, so the layout is kept and no copy is made.
+and the backward's two sums come from ATen's sums (pairwise summation, accurate in any layout): the mean,
+then the mean square of ``x - mean``; the normalisation itself is ATen's batch_norm with those statistics, so
+the layout is kept and no copy is made.
 """
 from __future__ import annotations
 
@@ -36,7 +37,9 @@ class _BatchStatisticsNorm(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dims = [0, *range(2, x.dim())]
-        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        mean = x.mean(dim=dims, keepdim=True)
+        var = (x - mean).square_().mean(dim=dims)  # two passes, as the NCHW kernel makes them
+        mean = mean.view(-1)
         # ATen's kernel with the given statistics (eval mode): the same normalisation arithmetic as in training.
         out = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
         invstd = torch.rsqrt(var + eps)
