@@ -395,9 +395,9 @@ def test_three_free_running_steps_and_final_state(fixtures):
     """Steps 0-2 from train_init. Step 0 is the float32 step above, and lands within float32 rounding of the
     original's float32 values (renders 2.3e-5 away on an AVX2 CPU, 1.5e-4 on an AVX-512 one). From step 1 on
     the runs part: not by the original's 1-vs-2-thread spread, whose step-0 gradients agree to 5.2e-6, but by
-    the kink noise of the float32 step-0 gradients (~1% per tensor, the original's own float32-vs-float64 size; see the float32 test).
-    Adam's first update is ~lr*sign(g) per weight, so each such flip moves a weight by 2*lr, and the
-    feature extractor's 4x4->2x2 convolution with its BatchNorm over 4 values per channel amplifies what
+    the kink noise of the float32 step-0 gradients (~1% per tensor, the original's own float32-vs-float64
+    size; see the float32 test). Adam's first update is ~lr*sign(g) per weight, so each such flip moves a
+    weight by 2*lr, and the feature extractor's 4x4->2x2 convolution with its BatchNorm over 4 values per channel amplifies what
     reaches it 13x (its float32-vs-float64 distance, layer by layer against the float64 run: 1.9e-4 in,
     2.5e-3 out). Measured against the original: step 1 loss_d 2.7e-4 and loss_gan 9.9e-4 relative, renders
     max 8.2e-2, grid 1.3e-2; step 2 renders mean 5.2e-2, grid 6.9e-2. On an AVX-512 CPU, whose kernels round
