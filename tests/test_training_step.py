@@ -397,16 +397,16 @@ def test_three_free_running_steps_and_final_state(fixtures):
     the runs part: not by the original's 1-vs-2-thread spread, whose step-0 gradients agree to 5.2e-6, but by
     the kink noise of the float32 step-0 gradients (~1% per tensor, the original's own float32-vs-float64
     size; see the float32 test). Adam's first update is ~lr*sign(g) per weight, so each such flip moves a
-    weight by 2*lr, and the feature extractor's 4x4->2x2 convolution with its BatchNorm over 4 values per channel amplifies what
-    reaches it 13x (its float32-vs-float64 distance, layer by layer against the float64 run: 1.9e-4 in,
-    2.5e-3 out). Measured against the original: step 1 loss_d 2.7e-4 and loss_gan 9.9e-4 relative, renders
-    max 8.2e-2, grid 1.3e-2; step 2 renders mean 5.2e-2, grid 6.9e-2. On an AVX-512 CPU, whose kernels round
-    differently again, three ways of rounding BatchNorm's statistics (all within float32 of float64) moved
-    step 2's loss_g by 1.5e-3 to 1.7e-3 relative, its loss_d by 3.5e-4 to 4.5e-3 and its loss_gan by 3.0e-4
-    to 1.2e-2, and the final weights by a relative L2 of 9.1e-3 to 9.2e-3. So asserted here: the README's
-    bounds that hold for such a run (step-1 loss_g and loss_l1 rtol 1e-4, G relative L2 1e-2), step 2's
-    losses within rtol 3e-2 (the README's 1e-4 for loss_g and 1e-2 for loss_d and loss_gan came from thread
-    counts on one CPU), and per weight what three Adam steps allow, 3 * 2 * lr.
+    weight by 2*lr, and the feature extractor's 4x4->2x2 convolution with its BatchNorm over 4 values per
+    channel amplifies what reaches it 13x (its float32-vs-float64 distance, layer by layer against the float64
+    run: 1.9e-4 in, 2.5e-3 out). Measured against the original: step 1 loss_d 2.7e-4 and loss_gan 9.9e-4
+    relative, renders max 8.2e-2, grid 1.3e-2; step 2 renders mean 5.2e-2, grid 6.9e-2. On an AVX-512 CPU,
+    whose kernels round differently again, three ways of rounding BatchNorm's statistics (all within float32
+    of float64) moved step 2's loss_g by 1.5e-3 to 1.7e-3 relative, its loss_d by 3.5e-4 to 4.5e-3 and its
+    loss_gan by 3.0e-4 to 1.2e-2, and the final weights by a relative L2 of 9.1e-3 to 9.2e-3. So asserted
+    here: the README's bounds that hold for such a run (step-1 loss_g and loss_l1 rtol 1e-4, G relative L2
+    1e-2), step 2's losses within rtol 3e-2 (the README's 1e-4 for loss_g and 1e-2 for loss_d and loss_gan
+    came from thread counts on one CPU), and per weight what three Adam steps allow, 3 * 2 * lr.
     test_step1_teacher_forced checks the step itself at 1e-4."""
     ref_dir, f32, f64 = fixtures
     nets = _build(ref_dir, torch.float32, ALL_ON)
