@@ -124,9 +124,9 @@ def choose(device: torch.device, img_sidelength: int, save_memory: bool = False,
     follows the input's layout, and weights stored channels-last are not copied so at every call (same
     pixels). In a model that only renders on an AVX2 CPU the wide 3x3 convolutions run as Winograd's, which
     PyTorch's oneDNN convolutions do not use; with AVX-512 their direct kernels come close enough to the
-    matmul peak that it pays only on the smallest maps, and it stays off. On Linux CPUs the heap keeps its memory,
-    since a step frees and allocates the same large blocks again and again, unless memory comes first
-    (``save_memory``): the gaps the heap cannot fill raise the peak."""
+    matmul peak that it pays only on the smallest maps, and it stays off. On Linux CPUs the heap keeps its
+    memory, since a step frees and allocates the same large blocks again and again, unless memory comes
+    first (``save_memory``): the gaps the heap cannot fill raise the peak."""
     cpu = device.type == "cpu"
     wide_vectors = cpu and "avx512f" in cpu_flags()
     return FastPaths(

@@ -304,19 +304,22 @@ def _float32_allowance(key: str, f32, f64) -> float:
     return max(3 * _max_abs(f32[f"{key}_0"], f64[f"{key}_0"]), floor)
 
 
+def _float32_runs_apart(key: str, f32, f64) -> float:
+    """How far ours may sit from the original's float32 run at step 0: each is within float32 rounding of
+    float64 (``_float32_allowance`` for ours, the measured distance for the original's)."""
+    return _float32_allowance(key, f32, f64) + _max_abs(f32[f"{key}_0"], f64[f"{key}_0"])
+
+
 def _check_float32_step0(fixtures, fast):
     _, f32, f64 = fixtures
     nets, out = _run_step0(fixtures, torch.float32, fast)
     # Losses, renders, depth, grid, intermediates: within _float32_allowance of float64, per key.
-
-    def allowed(key):
-        return _float32_allowance(key, f32, f64)
-
     for key, value in _losses_total(out).items():
-        assert abs(value - float(f64[f"{key}_0"])) <= allowed(key), key
+        assert abs(value - float(f64[f"{key}_0"])) <= _float32_allowance(key, f32, f64), key
     for key in LOSS_KEYS + OUTPUT_KEYS:
         got = out[key].numpy().reshape(f64[f"{key}_0"].shape)
-        assert _max_abs(got, f64[f"{key}_0"]) <= allowed(key), (key, _max_abs(got, f64[f"{key}_0"]), allowed(key))
+        allowed = _float32_allowance(key, f32, f64)
+        assert _max_abs(got, f64[f"{key}_0"]) <= allowed, (key, _max_abs(got, f64[f"{key}_0"]), allowed)
     for key in INTERMEDIATE_KEYS:
         got = out[key].numpy().reshape(f64[f"{key}_0"].shape)
         assert _max_abs(got, f64[f"{key}_0"]) <= 3 * ORIGINAL_F32_DEVIATION[key], key
@@ -412,12 +415,8 @@ def test_three_free_running_steps_and_final_state(fixtures):
     nets = _build(ref_dir, torch.float32, ALL_ON)
     outs = [_step(nets, _batch(f32, s, torch.float32)) for s in range(3)]
     for key, value in _losses_total(outs[0]).items():
-        # Two float32 runs, each within float32 rounding of float64 (the float32 test's allowance for ours,
-        # the measured distance for the original's).
-        apart = _float32_allowance(key, f32, f64) + abs(float(f32[f"{key}_0"]) - float(f64[f"{key}_0"]))
-        assert abs(value - float(f32[f"{key}_0"])) <= apart, key
-    apart = _float32_allowance("renders", f32, f64) + _max_abs(f32["renders_0"], f64["renders_0"])
-    assert _max_abs(outs[0]["renders"].numpy(), f32["renders_0"]) <= apart
+        assert abs(value - float(f32[f"{key}_0"])) <= _float32_runs_apart(key, f32, f64), key
+    assert _max_abs(outs[0]["renders"].numpy(), f32["renders_0"]) <= _float32_runs_apart("renders", f32, f64)
     for key in ("loss_g", "loss_l1"):
         assert _losses_total(outs[1])[key] == pytest.approx(float(f32[f"{key}_1"]), rel=1e-4, abs=0), key
     totals = _losses_total(outs[2])
